@@ -1,0 +1,113 @@
+"""Data layer: VQA examples from the synthetic generator or LLaVA JSON, and client shards.
+
+:func:`load_examples` returns the whole dataset (cached per arguments in-process,
+since every simulated client in a worker loads the same one); :func:`client_shard`
+gives one client's (train, test) indices into it.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+
+from .llava_json import BAD_RECORD_POLICIES, load_llava_json, write_llava_json
+from .partition import PARTITIONERS, partition_indices, train_test_split
+from .synthetic import ANSWERS, QUESTION_TYPES, generate_synthetic_vqa, synthetic_vocabulary
+from .types import DataError, VQAExample
+
+__all__ = [
+    "ANSWERS",
+    "DATASETS",
+    "PARTITIONERS",
+    "QUESTION_TYPES",
+    "DataError",
+    "VQAExample",
+    "client_shard",
+    "generate_synthetic_vqa",
+    "load_examples",
+    "load_llava_json",
+    "partition_indices",
+    "synthetic_vocabulary",
+    "train_test_split",
+    "write_llava_json",
+]
+
+DATASETS = ("synthetic", "llava-json")
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(
+    dataset: str, data_path: str, file_stamp: tuple[int, int] | None, image_size: int, num_samples: int, seed: int,
+    on_bad_record: str,
+) -> tuple[VQAExample, ...]:
+    if dataset == "synthetic":
+        return tuple(generate_synthetic_vqa(num_samples, seed, image_size))
+    examples, _ = load_llava_json(data_path, image_size, on_bad_record)
+    if not examples:
+        raise DataError(f"{data_path}: no usable records")
+    return tuple(examples)
+
+
+def load_examples(
+    dataset: str, data_path: str, image_size: int, num_samples: int, seed: int, on_bad_record: str = "error"
+) -> list[VQAExample]:
+    """Load a whole dataset (cached in-process per arguments).
+
+    Parameters
+    ----------
+    dataset : {"synthetic", "llava-json"}
+    data_path : str
+        LLaVA JSON file (required for ``llava-json``; ignored for ``synthetic``).
+    image_size : int
+        Image side in pixels.
+    num_samples : int
+        Number of synthetic examples (``llava-json`` loads every record).
+    seed : int
+        Synthetic generator seed.
+    on_bad_record : {"error", "skip"}
+        Policy for bad LLaVA records.
+
+    Returns
+    -------
+    list of VQAExample
+        A new list each call (the examples themselves are shared and read-only).
+    """
+    if dataset not in DATASETS:
+        raise ValueError(f"Config key 'dataset' must be one of {DATASETS}, got {dataset!r}")
+    if on_bad_record not in BAD_RECORD_POLICIES:
+        raise ValueError(f"Config key 'on-bad-record' must be one of {BAD_RECORD_POLICIES}, got {on_bad_record!r}")
+    stamp = None
+    if dataset == "synthetic":
+        data_path = ""
+    else:
+        if not data_path:
+            raise ValueError("Config key 'data-path' is required when dataset='llava-json'")
+        num_samples, seed = 0, 0  # unused by the JSON loader; keep one cache entry
+        p = Path(data_path).expanduser().resolve()
+        data_path = str(p)
+        if p.is_file():  # a changed file is a different cache entry
+            st = p.stat()
+            stamp = (st.st_mtime_ns, st.st_size)
+    return list(_load_cached(dataset, data_path, stamp, int(image_size), int(num_samples), int(seed), on_bad_record))
+
+
+def client_shard(
+    examples: list[VQAExample],
+    partition_id: int,
+    num_partitions: int,
+    partitioner: str,
+    seed: int,
+    dirichlet_alpha: float,
+    test_fraction: float,
+) -> tuple[list[int], list[int]]:
+    """One client's (train, test) example indices: partition by final answer, then split locally.
+
+    The local split is seeded by ``(seed, partition_id)`` so clients split differently.
+    """
+    part = partition_indices([ex.answer for ex in examples], num_partitions, partition_id, partitioner, seed,
+                             dirichlet_alpha)
+    split_seed = int(np.random.SeedSequence([int(seed), int(partition_id)]).generate_state(1)[0])
+    train, test = train_test_split(part, test_fraction, split_seed)
+    return train.tolist(), test.tolist()

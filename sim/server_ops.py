@@ -1,0 +1,112 @@
+"""Server-side plain functions shared by the strategy and the reference trainer:
+client sampling, the exchange schedule, the server's micro-batch steps, FedAvg and
+split inference."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .batches import QTYPES, TextBatch
+from .config import SplitConfig
+from .model import ServerModel, build_client_model, build_server_model, image_token_count, llm_hidden_size
+from .split_step import exact_match, server_generate, server_train_step, trainable
+from .tokenizer import get_tokenizer
+
+
+@dataclass
+class ServerRuntime:
+    cfg: SplitConfig
+    model: ServerModel
+    opt: torch.optim.Optimizer
+    tokens: int  # image tokens N per sample
+    dim: int  # feature width D
+    vocab_size: int
+    pad_id: int
+    eos_id: int
+
+
+def build_server(cfg: SplitConfig) -> ServerRuntime:
+    tok = get_tokenizer(cfg)
+    model = build_server_model(cfg, len(tok))
+    opt = torch.optim.AdamW(trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return ServerRuntime(
+        cfg, model, opt, image_token_count(cfg), llm_hidden_size(cfg), len(tok), tok.pad_token_id, tok.eos_token_id
+    )
+
+
+def initial_client_weights(cfg: SplitConfig) -> dict[str, torch.Tensor]:
+    """The global client-side weights before round 1 (the seeded initialisation)."""
+    model = build_client_model(cfg)
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def sample_partitions(partitions: list[int], cfg: SplitConfig, rnd: int) -> list[int]:
+    """Seeded sample of ``fraction-train`` of the clients for a round, sorted."""
+    k = max(1, int(round(cfg.fraction_train * len(partitions))))
+    rng = np.random.default_rng([cfg.seed, rnd, 7])
+    return sorted(int(p) for p in rng.choice(sorted(partitions), size=k, replace=False))
+
+
+def exchange_schedule(cfg: SplitConfig) -> list[tuple[list[int], list[int]]]:
+    """Per exchange of a round: (steps whose gradients are applied, steps encoded).
+
+    ``local-steps`` micro-batches in chunks of ``steps-per-exchange``; exchange ``e``
+    applies chunk ``e-1`` and encodes chunk ``e``; the last one only applies."""
+    steps = list(range(cfg.local_steps))
+    chunks = [steps[i : i + cfg.steps_per_exchange] for i in range(0, len(steps), cfg.steps_per_exchange)]
+    return [([] if e == 0 else chunks[e - 1], chunks[e] if e < len(chunks) else []) for e in range(len(chunks) + 1)]
+
+
+def server_steps(
+    rt: ServerRuntime, y_hats: list[list[torch.Tensor]], texts: list[list[TextBatch]]
+) -> tuple[list[float], list[list[torch.Tensor]]]:
+    """Run the server steps of one exchange.
+
+    ``y_hats[c][s]`` is client ``c``'s micro-batch ``s``. Step ``s`` concatenates all
+    clients' micro-batch ``s``. Returns the losses and ``grads[c][s]``."""
+    n_steps = len(y_hats[0]) if y_hats else 0
+    losses, grads = [], [[] for _ in y_hats]
+    for s in range(n_steps):
+        loss, g = server_train_step(rt.model, rt.opt, [y[s] for y in y_hats], [t[s] for t in texts], rt.pad_id)
+        losses.append(loss)
+        for c, gc in enumerate(g):
+            grads[c].append(gc)
+    return losses, grads
+
+
+def fedavg(weights: list[dict[str, torch.Tensor]], counts: list[int]) -> dict[str, torch.Tensor]:
+    """Sample-weighted average, accumulated in float64 in the given (partition) order."""
+    if not weights:
+        raise ValueError("FedAvg needs at least one client")
+    total = float(sum(counts))
+    out = {}
+    for name in weights[0]:
+        acc = torch.zeros_like(weights[0][name], dtype=torch.float64)
+        for w, n in zip(weights, counts):
+            acc += w[name].to(torch.float64) * (n / total)
+        out[name] = acc.to(weights[0][name].dtype)
+    return out
+
+
+def evaluate(
+    rt: ServerRuntime, y_hats: list[torch.Tensor], prompts: list, answers: list, qtypes: np.ndarray
+) -> dict[str, tuple[int, int]]:
+    """Greedy split inference; (correct, total) overall and per question type."""
+    rt.model.eval()
+    feats = torch.cat(y_hats)[: len(prompts)]
+    correct: list[bool] = []
+    bs = rt.cfg.eval_batch_size
+    for i in range(0, len(prompts), bs):
+        pred = server_generate(
+            rt.model, feats[i : i + bs], prompts[i : i + bs], rt.eos_id, rt.pad_id, rt.cfg.max_answer_tokens
+        )
+        correct += exact_match(pred, answers[i : i + bs])
+    rt.model.train()
+    out = {"all": (sum(correct), len(correct))}
+    for q in np.unique(qtypes):
+        sel = [c for c, t in zip(correct, qtypes) if t == q]
+        out[QTYPES[int(q)]] = (sum(sel), len(sel))
+    return out

@@ -1,0 +1,176 @@
+"""LLaVA JSON loader: round trip, placeholder handling, every bad-input case."""
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sim.data import DataError, VQAExample, generate_synthetic_vqa, load_examples, load_llava_json, write_llava_json
+
+
+def _multi_turn() -> VQAExample:
+    img = np.zeros((32, 32, 3), dtype=np.uint8)
+    img[4:12, 20:28] = (200, 10, 10)
+    turns = (("what is in the picture?", "a red square"), ("where is it?", "top right"), ("is it big?", "no"))
+    return VQAExample(img, turns, "llava")
+
+
+def test_round_trip(tmp_path):
+    examples = generate_synthetic_vqa(6, seed=0, image_size=32) + [_multi_turn()]
+    path = write_llava_json(examples, tmp_path / "set")
+    records = json.loads(path.read_text())
+    assert all(not Path(r["image"]).is_absolute() for r in records)
+    assert records[-1]["conversations"][0]["value"].startswith("<image>\n")
+    assert len(records[-1]["conversations"]) == 6
+
+    loaded, skipped = load_llava_json(path, image_size=32)
+    assert skipped == 0 and len(loaded) == len(examples)
+    for a, b in zip(examples, loaded):
+        assert np.array_equal(a.image, b.image)
+        assert a.turns == b.turns and a.qtype == b.qtype
+        assert all("<image>" not in h for h, _ in b.turns)
+    assert loaded[-1].answer == "no" and len(loaded[-1].turns) == 3
+
+
+def test_resize_and_rgb_conversion(tmp_path):
+    Image.fromarray(np.full((40, 20), 128, dtype=np.uint8), mode="L").save(tmp_path / "grey.png")
+    Image.new("RGBA", (10, 30), (255, 0, 0, 128)).save(tmp_path / "rgba.png")
+    recs = [
+        {"id": "g", "image": "grey.png", "conversations": [
+            {"from": "human", "value": "What colour?\n<image>"}, {"from": "gpt", "value": " grey "}]},
+        {"id": "r", "image": str((tmp_path / "rgba.png").resolve()), "type": "colour", "conversations": [
+            {"from": "human", "value": "Is this <image> red?"}, {"from": "gpt", "value": "yes"}]},
+    ]
+    (tmp_path / "d.json").write_text(json.dumps(recs))
+    ex, skipped = load_llava_json(tmp_path / "d.json", image_size=24)
+    assert skipped == 0
+    for e in ex:
+        assert e.image.shape == (24, 24, 3) and e.image.dtype == np.uint8
+    assert ex[0].turns == (("What colour?", "grey"),) and ex[0].qtype == "llava"
+    assert (ex[0].image == 128).all()
+    assert ex[1].turns == (("Is this red?", "yes"),) and ex[1].qtype == "colour"
+    assert (ex[1].image[..., 0] == 255).all()
+
+
+def _write_case(tmp_path: Path, bad: object, make_files=None) -> Path:
+    Image.new("RGB", (8, 8), (0, 255, 0)).save(tmp_path / "ok.png")
+    good = {"id": "good", "image": "ok.png",
+            "conversations": [{"from": "human", "value": "<image>\nq?"}, {"from": "gpt", "value": "a"}]}
+    if make_files:
+        make_files(tmp_path)
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([good, bad]))
+    return path
+
+
+def _conv(*pairs):
+    return [{"from": f, "value": v} for f, v in pairs]
+
+
+def _corrupt(d: Path):
+    (d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+
+
+def _truncated(d: Path):
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(d / "full.png")
+    data = (d / "full.png").read_bytes()
+    (d / "trunc.png").write_bytes(data[: len(data) // 2])
+
+
+OK = _conv(("human", "<image>\nq?"), ("gpt", "a"))
+BAD_RECORDS = {
+    "missing image file": ({"id": "bad", "image": "nope.png", "conversations": OK}, None, "does not exist"),
+    "corrupt image": ({"id": "bad", "image": "corrupt.png", "conversations": OK}, _corrupt, "cannot read image"),
+    "truncated image": ({"id": "bad", "image": "trunc.png", "conversations": OK}, _truncated, "cannot read image"),
+    "no image": ({"id": "bad", "conversations": OK}, None, "no 'image'"),
+    "empty image": ({"id": "bad", "image": "", "conversations": OK}, None, "no 'image'"),
+    "no conversations": ({"id": "bad", "image": "ok.png"}, None, "no 'conversations'"),
+    "empty conversations": ({"id": "bad", "image": "ok.png", "conversations": []}, None, "non-empty list"),
+    "conversations not a list": ({"id": "bad", "image": "ok.png", "conversations": "hi"}, None, "non-empty list"),
+    "gpt first": ({"id": "bad", "image": "ok.png", "conversations": _conv(("gpt", "a"), ("human", "q"))},
+                  None, "alternate"),
+    "two humans": ({"id": "bad", "image": "ok.png",
+                    "conversations": _conv(("human", "q"), ("human", "q"), ("gpt", "a"))}, None, "alternate"),
+    "ends with human": ({"id": "bad", "image": "ok.png",
+                         "conversations": _conv(("human", "q"), ("gpt", "a"), ("human", "q2"))}, None, "ends with"),
+    "turn without value": ({"id": "bad", "image": "ok.png", "conversations": [{"from": "human"}]},
+                           None, "'value'"),
+    "empty answer": ({"id": "bad", "image": "ok.png", "conversations": _conv(("human", "q"), ("gpt", "  "))},
+                     None, "empty"),
+    "record not an object": (["bad", "ok.png"], None, "JSON object"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RECORDS))
+def test_bad_record_error_mode(tmp_path, case):
+    bad, make, why = BAD_RECORDS[case]
+    path = _write_case(tmp_path, bad, make)
+    with pytest.raises(DataError) as err:
+        load_llava_json(path, image_size=8, on_bad_record="error")
+    msg = str(err.value)
+    assert str(path) in msg and "record 1" in msg and why in msg
+    if isinstance(bad, dict):
+        assert "'bad'" in msg
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RECORDS))
+def test_bad_record_skip_mode(tmp_path, case, caplog):
+    bad, make, why = BAD_RECORDS[case]
+    path = _write_case(tmp_path, bad, make)
+    with caplog.at_level(logging.WARNING, logger="sim.data.llava_json"):
+        ex, skipped = load_llava_json(path, image_size=8, on_bad_record="skip")
+    assert skipped == 1 and len(ex) == 1 and ex[0].answer == "a"
+    assert any("record 1" in r.getMessage() and why in r.getMessage() for r in caplog.records)
+
+
+FILE_LEVEL = {
+    "missing json": (None, "does not exist"),
+    "invalid json": ("[{\"id\": 1,", "invalid JSON"),
+    "not a list": (json.dumps({"id": 1, "image": "x.png"}), "JSON list"),
+}
+
+
+@pytest.mark.parametrize("mode", ["error", "skip"])
+@pytest.mark.parametrize("case", sorted(FILE_LEVEL))
+def test_file_level_errors_raise_in_both_modes(tmp_path, case, mode):
+    text, why = FILE_LEVEL[case]
+    path = tmp_path / "data.json"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(DataError, match=why) as err:
+        load_llava_json(path, image_size=8, on_bad_record=mode)
+    assert str(path) in str(err.value)
+
+
+def test_invalid_policy(tmp_path):
+    with pytest.raises(ValueError, match="on_bad_record"):
+        load_llava_json(tmp_path / "x.json", image_size=8, on_bad_record="ignore")
+
+
+def test_load_examples_llava_and_cache(tmp_path):
+    path = write_llava_json(generate_synthetic_vqa(5, seed=2, image_size=16), tmp_path)
+    a = load_examples("llava-json", str(path), 16, num_samples=99, seed=0)
+    b = load_examples("llava-json", str(path), 16, num_samples=99, seed=0)
+    assert a is not b and len(a) == 5 and all(x is y for x, y in zip(a, b))  # cached, fresh list
+    a.clear()
+    assert len(load_examples("llava-json", str(path), 16, num_samples=99, seed=0)) == 5
+
+
+def test_load_examples_all_bad_is_an_error(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([{"id": "x", "conversations": OK}]))
+    with pytest.raises(DataError, match="no usable records"):
+        load_examples("llava-json", str(path), 8, 10, 0, on_bad_record="skip")
+
+
+def test_load_examples_validation():
+    with pytest.raises(ValueError, match="'dataset'.*synthetic.*llava-json"):
+        load_examples("coco", "", 32, 10, 0)
+    with pytest.raises(ValueError, match="data-path"):
+        load_examples("llava-json", "", 32, 10, 0)
+    syn = load_examples("synthetic", "ignored.json", 16, 12, 4)
+    assert len(syn) == 12 and syn[0].image.shape == (16, 16, 3)
+    assert load_examples("synthetic", "", 16, 12, 4)[0] is syn[0]
