@@ -30,6 +30,7 @@ class TokenisedExamples:
     ids: tuple[np.ndarray, ...]  # full text ids per example
     loss_mask: tuple[np.ndarray, ...]  # bool, True on answer tokens
     prompt_len: np.ndarray  # (M,) tokens before the final answer
+    first_turn_len: np.ndarray  # (M,) tokens of the first question (the image goes after it)
     qtype: np.ndarray  # (M,) index into QTYPES
 
     def __len__(self) -> int:
@@ -47,7 +48,7 @@ class TextBatch:
 
 def tokenise(examples: list[VQAExample], tok: PreTrainedTokenizerBase) -> TokenisedExamples:
     """Tokenise every turn; the answer of each gpt turn is followed by eos."""
-    ids, masks, prompt_len, qtypes = [], [], [], []
+    ids, masks, prompt_len, first_len, qtypes = [], [], [], [], []
     eos = tok.eos_token_id
     for ex in examples:
         seq: list[int] = []
@@ -55,6 +56,8 @@ def tokenise(examples: list[VQAExample], tok: PreTrainedTokenizerBase) -> Tokeni
         for i, (human, gpt) in enumerate(ex.turns):
             h = tok(human, add_special_tokens=False).input_ids
             g = tok(gpt, add_special_tokens=False).input_ids + [eos]
+            if i == 0:
+                first_len.append(len(h))
             if i == len(ex.turns) - 1:
                 prompt_len.append(len(seq) + len(h))
             seq += h + g
@@ -63,7 +66,9 @@ def tokenise(examples: list[VQAExample], tok: PreTrainedTokenizerBase) -> Tokeni
         masks.append(np.asarray(mask, dtype=bool))
         qtypes.append(QTYPES.index(ex.qtype) if ex.qtype in QTYPES else QTYPES.index("llava"))
     images = torch.from_numpy(np.stack([ex.image for ex in examples])).permute(0, 3, 1, 2).contiguous()
-    return TokenisedExamples(images, tuple(ids), tuple(masks), np.asarray(prompt_len), np.asarray(qtypes))
+    return TokenisedExamples(
+        images, tuple(ids), tuple(masks), np.asarray(prompt_len), np.asarray(first_len), np.asarray(qtypes)
+    )
 
 
 def pixels(data: TokenisedExamples, idx: np.ndarray) -> torch.Tensor:

@@ -148,8 +148,9 @@ def eval_indices(rt: ClientRuntime) -> tuple[np.ndarray, int]:
     return rt.test_idx[np.arange(total) % n], n
 
 
-def encode_eval(rt: ClientRuntime) -> tuple[list[Payload], list[np.ndarray], list[np.ndarray], np.ndarray, int]:
-    """Codes of the local test set (in micro-batches), prompts, answers, question types."""
+def encode_eval(rt: ClientRuntime) -> tuple[list[Payload], list[np.ndarray], list[np.ndarray], np.ndarray, np.ndarray, int]:
+    """Codes of the local test set (in micro-batches), prompts, answers, first-question
+    lengths and question types."""
     idx, n = eval_indices(rt)
     payloads = []
     with torch.no_grad():
@@ -157,4 +158,4 @@ def encode_eval(rt: ClientRuntime) -> tuple[list[Payload], list[np.ndarray], lis
             chunk = idx[start : start + rt.cfg.batch_size]
             payloads.append(rt.model.codec.pack(rt.model(pixels(rt.data, chunk))))
     prompts, answers = eval_text(rt.data, idx[:n])
-    return payloads, prompts, answers, rt.data.qtype[idx[:n]], n
+    return payloads, prompts, answers, rt.data.first_turn_len[idx[:n]], rt.data.qtype[idx[:n]], n

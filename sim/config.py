@@ -30,6 +30,7 @@ RDFSQ_STATS = ("global", "per-dim")
 IDENTITY_DTYPES = ("fp16", "bf16", "fp32")
 SPLIT_POINTS = ("connector",)
 TEXT_MODES = ("ids",)
+IMAGE_POSITIONS = ("first", "after-question")
 DATASETS = ("synthetic", "llava-json")
 PARTITIONERS = ("iid", "dirichlet")
 BAD_RECORD_POLICIES = ("error", "skip")
@@ -41,13 +42,13 @@ class SplitConfig:
     """All settings of one run. Field ``foo_bar`` is run-config key ``foo-bar``."""
 
     # --- federation and optimisation -------------------------------------------------
-    num_server_rounds: int = 12
+    num_server_rounds: int = 14
     fraction_train: float = 1.0
     min_train_clients: int = 1
     local_steps: int = 32
     steps_per_exchange: int = 8
     batch_size: int = 16
-    lr: float = 3e-3
+    lr: float = 1e-3
     weight_decay: float = 0.0
     seed: int = 0
     exchange_timeout_s: float = 600.0
@@ -66,6 +67,7 @@ class SplitConfig:
     grad_compressor: str = "none"
     grad_bits: int = 4
     text_mode: str = "ids"
+    image_position: str = "first"
     # --- data ------------------------------------------------------------------------
     dataset: str = "synthetic"
     data_path: str = ""
@@ -212,6 +214,7 @@ def _validate(c: SplitConfig) -> None:
         raise ConfigError(f"Config key 'nf-block' ({c.nf_block}) must divide the feature width ({c.hidden_size}).")
     _range("topk-random", c.topk_random, 0.0, 1.0)
     _choice("text-mode", c.text_mode, TEXT_MODES)
+    _choice("image-position", c.image_position, IMAGE_POSITIONS)
     _choice("dataset", c.dataset, DATASETS)
     if c.dataset == "llava-json":
         if not c.data_path:

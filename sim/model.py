@@ -136,11 +136,26 @@ class ServerModel(nn.Module):
         self.codec = codec
         self.llm = llm
 
-    def logits(self, y_hat: torch.Tensor, text_ids: torch.Tensor) -> torch.Tensor:
-        """(B,N,D) reconstructed features + (B,T) ids -> (B,N+T,V) logits."""
+    def logits(self, y_hat: torch.Tensor, text_ids: torch.Tensor, split: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,N,D) reconstructed features + (B,T) ids -> (B,N+T,V) logits.
+
+        The image tokens go after the first ``split[b]`` text tokens of row ``b`` (the
+        first question), or first when ``split`` is None. Text token ``j >= split`` sits
+        at position ``N + j`` either way, so answers are read out at the same positions."""
         img = self.codec(y_hat)
         txt = self.llm.get_input_embeddings()(text_ids)
-        return self.llm(inputs_embeds=torch.cat([img.to(txt.dtype), txt], dim=1)).logits
+        img = img.to(txt.dtype)
+        if split is None:
+            return self.llm(inputs_embeds=torch.cat([img, txt], dim=1)).logits
+        B, T, D = txt.shape
+        N = img.shape[1]
+        j = torch.arange(T).expand(B, T)
+        text_pos = torch.where(j < split[:, None], j, j + N)
+        img_pos = split[:, None] + torch.arange(N)
+        seq = txt.new_zeros(B, N + T, D)
+        seq = seq.scatter(1, text_pos[..., None].expand(B, T, D), txt)
+        seq = seq.scatter(1, img_pos[..., None].expand(B, N, D), img)
+        return self.llm(inputs_embeds=seq).logits
 
 
 def build_client_model(cfg: SplitConfig) -> ClientModel:

@@ -162,10 +162,11 @@ def client_train(content: RecordDict, state: RecordDict, node: NodeIdentity) -> 
 def client_evaluate(content: RecordDict, state: RecordDict, node: NodeIdentity) -> RecordDict:
     """Handle ``evaluate.split_infer``: encode the local test set with the global weights."""
     rt = _restore(content, state, node)
-    payloads, prompts, answers, qtypes, n = encode_eval(rt)
+    payloads, prompts, answers, splits, qtypes, n = encode_eval(rt)
     text = encode_ragged(prompts, rt.vocab_size, "prompt_")
     text.update(encode_ragged(answers, rt.vocab_size, "answer_"))
     text["qtype"] = qtypes.astype(np.uint8)
+    text["prompt_split"] = splits.astype(np.uint16)
     return RecordDict(
         {
             "features": arrays_to_record(concat_payloads(payloads).arrays()),
@@ -193,6 +194,7 @@ class EvalUpload:
     prompts: list[np.ndarray]
     answers: list[np.ndarray]
     qtypes: np.ndarray
+    splits: np.ndarray  # tokens of the first question, before the image
 
 
 def _decode_features(content: RecordDict, codec: ServerCodec, shape: FeatureShape) -> list[torch.Tensor]:
@@ -283,7 +285,12 @@ def parse_eval_reply(
     qtype = arrays.get("qtype")
     if qtype is None or qtype.dtype != np.uint8 or qtype.shape != (n,):
         raise WireError("text 'qtype' must be uint8 with one entry per sample")
-    return EvalUpload(partition, y_hats, prompts, answers, qtype)
+    split = arrays.get("prompt_split")
+    if split is None or split.dtype != np.uint16 or split.shape != (n,):
+        raise WireError("text 'prompt_split' must be uint16 with one entry per sample")
+    if any(int(s) > len(p) for s, p in zip(split, prompts)):
+        raise WireError("text 'prompt_split' exceeds a prompt's length")
+    return EvalUpload(partition, y_hats, prompts, answers, qtype, split.astype(np.int64))
 
 
 __all__ = [

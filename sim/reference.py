@@ -83,8 +83,8 @@ def _evaluate(cfg: SplitConfig, server, global_w: dict[str, torch.Tensor], num_p
     for p in range(num_partitions):
         rt = client_runtime(cfg, p, num_partitions)
         load_weights(rt, global_w)
-        payloads, prompts, answers, qtypes, n = encode_eval(rt)
+        payloads, prompts, answers, splits, qtypes, n = encode_eval(rt)
         y_hats = [server.model.codec.unpack(pl, (cfg.batch_size, server.tokens, server.dim)) for pl in payloads]
-        c, t = evaluate(server, y_hats, prompts, answers, qtypes)["all"]
+        c, t = evaluate(server, y_hats, prompts, answers, qtypes, splits)["all"]
         correct, total = correct + c, total + t
     return correct / total if total else float("nan")

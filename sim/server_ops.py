@@ -70,7 +70,10 @@ def server_steps(
     n_steps = len(y_hats[0]) if y_hats else 0
     losses, grads = [], [[] for _ in y_hats]
     for s in range(n_steps):
-        loss, g = server_train_step(rt.model, rt.opt, [y[s] for y in y_hats], [t[s] for t in texts], rt.pad_id)
+        loss, g = server_train_step(
+            rt.model, rt.opt, [y[s] for y in y_hats], [t[s] for t in texts], rt.pad_id,
+            image_after_question=rt.cfg.image_position == "after-question",
+        )
         losses.append(loss)
         for c, gc in enumerate(g):
             grads[c].append(gc)
@@ -92,7 +95,8 @@ def fedavg(weights: list[dict[str, torch.Tensor]], counts: list[int]) -> dict[st
 
 
 def evaluate(
-    rt: ServerRuntime, y_hats: list[torch.Tensor], prompts: list, answers: list, qtypes: np.ndarray
+    rt: ServerRuntime, y_hats: list[torch.Tensor], prompts: list, answers: list, qtypes: np.ndarray,
+    splits: np.ndarray,
 ) -> dict[str, tuple[int, int]]:
     """Greedy split inference; (correct, total) overall and per question type."""
     rt.model.eval()
@@ -100,8 +104,9 @@ def evaluate(
     correct: list[bool] = []
     bs = rt.cfg.eval_batch_size
     for i in range(0, len(prompts), bs):
+        split = torch.as_tensor(splits[i : i + bs]) if rt.cfg.image_position == "after-question" else None
         pred = server_generate(
-            rt.model, feats[i : i + bs], prompts[i : i + bs], rt.eos_id, rt.pad_id, rt.cfg.max_answer_tokens
+            rt.model, feats[i : i + bs], prompts[i : i + bs], rt.eos_id, rt.pad_id, rt.cfg.max_answer_tokens, split
         )
         correct += exact_match(pred, answers[i : i + bs])
     rt.model.train()

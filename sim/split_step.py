@@ -72,19 +72,25 @@ def concat_text(texts: list[TextBatch], pad_id: int) -> TextBatch:
     return pad_text(seqs, masks, pad_id)
 
 
+def first_answer_index(text: TextBatch) -> torch.Tensor:
+    """(B,) index of each row's first answer token: the end of its first question."""
+    return text.loss_mask.to(torch.int8).argmax(dim=1)
+
+
 def server_train_step(
     model: ServerModel,
     opt: torch.optim.Optimizer,
     y_hats: list[torch.Tensor],
     texts: list[TextBatch],
     pad_id: int,
+    image_after_question: bool = False,
 ) -> tuple[float, list[torch.Tensor]]:
     """One server step on the concatenated micro-batches of all clients.
 
     Returns the loss and dL/dy_hat split back per client (the downlink gradients)."""
     y = torch.cat(y_hats).requires_grad_(True)
     text = concat_text(texts, pad_id)
-    loss = answer_loss(model.logits(y, text.ids), text, y.shape[1])
+    loss = answer_loss(model.logits(y, text.ids, first_answer_index(text) if image_after_question else None), text, y.shape[1])
     if not torch.isfinite(loss):
         raise FloatingPointError(f"non-finite server loss {float(loss)}")
     opt.zero_grad(set_to_none=True)
@@ -95,7 +101,8 @@ def server_train_step(
 
 @torch.no_grad()
 def server_generate(
-    model: ServerModel, y_hat: torch.Tensor, prompts: list, eos_id: int, pad_id: int, max_new: int
+    model: ServerModel, y_hat: torch.Tensor, prompts: list, eos_id: int, pad_id: int, max_new: int,
+    split: torch.Tensor | None = None,
 ) -> list[list[int]]:
     """Greedy decoding of the answer after each prompt; stops at eos or ``max_new``.
 
@@ -111,7 +118,7 @@ def server_generate(
     rows = torch.arange(B)
     for _ in range(max_new):
         width = int(lens.max())
-        logits = model.logits(y_hat, buf[:, :width])
+        logits = model.logits(y_hat, buf[:, :width], split)
         nxt = logits[rows, n_img + lens - 1].argmax(-1)
         for i in range(B):
             if not done[i]:

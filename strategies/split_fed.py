@@ -234,7 +234,7 @@ class SplitFedStrategy(Strategy):
             except WireError as err:
                 log.warning("round %d: eval reply rejected: %s", rnd, err)
                 continue
-            for k, (c, n) in evaluate(s, up.y_hats, up.prompts, up.answers, up.qtypes).items():
+            for k, (c, n) in evaluate(s, up.y_hats, up.prompts, up.answers, up.qtypes, up.splits).items():
                 t = totals.setdefault(k, [0, 0])
                 t[0] += c
                 t[1] += n

@@ -70,7 +70,8 @@ def test_final_and_eval_replies_carry_only_weights_codes_and_tokens(tiny_cfg):
 
     ev = client_evaluate(eval_request(cfg, 1, initial_client_weights(cfg)), RecordDict(), NODE)
     assert set(ev.array_records) == {"features", "text"}
-    assert set(record_to_arrays(ev.array_records["text"])) == {"prompt_ids", "prompt_lens", "answer_ids", "answer_lens", "qtype"}
+    assert set(record_to_arrays(ev.array_records["text"])) == {
+        "prompt_ids", "prompt_lens", "answer_ids", "answer_lens", "qtype", "prompt_split"}
     e = parse_eval_reply(ev, cfg, server.model.codec, server.tokens, server.dim, server.vocab_size)
     assert len(e.prompts) == len(e.answers) == len(e.qtypes) > 0
 
