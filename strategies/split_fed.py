@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -55,7 +55,6 @@ class RoundReport:
     wall_s: float
     sim_network_s: float
     samples: int
-    extra: dict = field(default_factory=dict)
 
     @property
     def accuracy(self) -> float:
@@ -146,11 +145,11 @@ class SplitFedStrategy(Strategy):
         for rnd in range(1, num_rounds + 1):
             t0, net0 = time.perf_counter(), self.ledger.sim_network_s
             self._discover(grid, rnd, timeout)
-            report = self._train_round(grid, rnd, arrays, timeout)
-            if report.extra.get("arrays") is not None:
-                arrays = report.extra.pop("arrays")
-                result.arrays = arrays
-            eval_replies, eval_ex = self._exchange(grid, list(self.configure_evaluate(rnd, arrays, ConfigRecord(), grid)), rnd, report.exchanges, EVALUATE, timeout)
+            report, new_arrays = self._train_round(grid, rnd, arrays, timeout)
+            if new_arrays is not None:
+                arrays = result.arrays = new_arrays
+            eval_msgs = list(self.configure_evaluate(rnd, arrays, ConfigRecord(), grid))
+            eval_replies = self._exchange(grid, eval_msgs, rnd, report.exchanges, EVALUATE, timeout)
             report.eval_counts = self._evaluate_replies(rnd, eval_replies.values())
             report.exchanges += 1
             report.wall_s = time.perf_counter() - t0
@@ -161,7 +160,9 @@ class SplitFedStrategy(Strategy):
                 self.on_round(report)
         return result
 
-    def _train_round(self, grid: Grid, rnd: int, arrays: ArrayRecord, timeout: float) -> RoundReport:
+    def _train_round(self, grid: Grid, rnd: int, arrays: ArrayRecord, timeout: float) -> tuple[RoundReport, ArrayRecord | None]:
+        """The exchanges of one round; returns its report and the FedAvg'd weights (None if
+        no client finished)."""
         schedule = exchange_schedule(self.cfg)
         msgs = list(self.configure_train(rnd, arrays, ConfigRecord(), grid))
         sampled = [self._partition_of(m.metadata.dst_node_id) for m in msgs]
@@ -176,10 +177,10 @@ class SplitFedStrategy(Strategy):
             schedule, dropped = [], {p: "round skipped" for p in sampled}
         for e, (apply, encode) in enumerate(schedule):
             final = e == len(schedule) - 1
-            replies, _ = self._exchange(grid, msgs, rnd, e, TRAIN, timeout)
+            replies = self._exchange(grid, msgs, rnd, e, TRAIN, timeout)
             for p in list(active):
                 if p not in replies:
-                    dropped[p] = "no reply" if p not in dropped else dropped[p]
+                    dropped[p] = f"no reply in exchange {e}"
                     active.remove(p)
             uploads = {}
             for p in list(active):
@@ -214,11 +215,12 @@ class SplitFedStrategy(Strategy):
         new_arrays, _ = self.aggregate_train(rnd, final_replies) if final_replies else (None, None)
         if dropped:
             log.warning("round %d: dropped clients %s", rnd, dropped)
-        return RoundReport(
+        report = RoundReport(
             round=rnd, clients=sampled, dropped=dropped, step_losses=losses,
             client_aux=sum(aux) / len(aux) if aux else 0.0, eval_counts={}, exchanges=len(schedule),
-            wall_s=0.0, sim_network_s=0.0, samples=samples, extra={"arrays": new_arrays},
+            wall_s=0.0, sim_network_s=0.0, samples=samples,
         )
+        return report, new_arrays
 
     # ------------------------------------------------------------------ helpers
     def _parse_train(self, content: RecordDict, steps: int, final: bool):
@@ -264,8 +266,8 @@ class SplitFedStrategy(Strategy):
                                   payload_bytes(r.content, UPLINK_INFO), wire_bytes(r), samples,
                                   payload_bytes(r.content, ("features",))))
             replies[key] = r
-        net = self.ledger.record_exchange(rows)
-        return replies, net
+        self.ledger.record_exchange(rows)
+        return replies
 
     def _discover(self, grid: Grid, rnd: int, timeout: float) -> None:
         """Learn the partition id of every node not seen yet (``query.hello``)."""
@@ -281,7 +283,7 @@ class SplitFedStrategy(Strategy):
         if not new:
             return
         msgs = [Message(hello_request(), dst_node_id=n, message_type=HELLO) for n in new]
-        replies, _ = self._exchange(grid, msgs, rnd, -1, HELLO, timeout)
+        replies = self._exchange(grid, msgs, rnd, -1, HELLO, timeout)
         for r in replies.values():
             node = r.metadata.src_node_id
             try:
