@@ -20,6 +20,7 @@ from .compress import Payload
 from .config import SplitConfig
 from .data import client_shard, load_examples
 from .model import ClientModel, build_client_model
+from .schedule import lr_at
 from .split_step import client_apply_grads, trainable
 from .tokenizer import get_tokenizer
 
@@ -138,7 +139,7 @@ def apply_steps(rt: ClientRuntime, rnd: int, steps: list[int], grads: list[torch
     if len(steps) != len(grads):
         raise ValueError(f"{len(grads)} gradients for {len(steps)} steps")
     pix = [pixels(rt.data, micro_batch(rt, rnd, s)) for s in steps]
-    return client_apply_grads(rt.model, rt.opt, pix, grads)
+    return client_apply_grads(rt.model, rt.opt, pix, grads, [lr_at(rt.cfg, rnd, s) for s in steps])
 
 
 def eval_indices(rt: ClientRuntime) -> tuple[np.ndarray, int]:

@@ -28,6 +28,7 @@ GRAD_COMPRESSORS = ("none", "fp16", "topk", "nf")
 NF_CODEBOOKS = ("seed", "qlora")
 RDFSQ_STATS = ("global", "per-dim")
 IDENTITY_DTYPES = ("fp16", "bf16", "fp32")
+LR_SCHEDULES = ("cosine", "constant")
 SPLIT_POINTS = ("connector",)
 TEXT_MODES = ("ids",)
 IMAGE_POSITIONS = ("first", "after-question")
@@ -42,13 +43,16 @@ class SplitConfig:
     """All settings of one run. Field ``foo_bar`` is run-config key ``foo-bar``."""
 
     # --- federation and optimisation -------------------------------------------------
-    num_server_rounds: int = 14
+    num_server_rounds: int = 10
     fraction_train: float = 1.0
     min_train_clients: int = 1
-    local_steps: int = 32
-    steps_per_exchange: int = 8
-    batch_size: int = 16
+    local_steps: int = 200
+    steps_per_exchange: int = 20
+    batch_size: int = 8
     lr: float = 1e-3
+    lr_schedule: str = "cosine"
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     seed: int = 0
     exchange_timeout_s: float = 600.0
@@ -58,7 +62,7 @@ class SplitConfig:
     bits: int = 2
     split_point: str = "connector"
     rdfsq_stats: str = "per-dim"
-    rdfsq_alpha: float = 0.25
+    rdfsq_alpha: float = 0.0
     identity_dtype: str = "fp16"
     nf_block: int = 64
     nf_codebook: str = "seed"
@@ -67,7 +71,7 @@ class SplitConfig:
     grad_compressor: str = "none"
     grad_bits: int = 4
     text_mode: str = "ids"
-    image_position: str = "first"
+    image_position: str = "after-question"
     # --- data ------------------------------------------------------------------------
     dataset: str = "synthetic"
     data_path: str = ""
@@ -193,6 +197,9 @@ def _validate(c: SplitConfig) -> None:
     _range("steps-per-exchange", c.steps_per_exchange, 1, 4096)
     _range("batch-size", c.batch_size, 1, 65_536)
     _range("lr", c.lr, 0.0, 10.0, lo_open=True)
+    _choice("lr-schedule", c.lr_schedule, LR_SCHEDULES)
+    _range("warmup-steps", c.warmup_steps, 0, 10_000_000)
+    _range("min-lr-ratio", c.min_lr_ratio, 0.0, 1.0)
     _range("weight-decay", c.weight_decay, 0.0, 10.0)
     _range("seed", c.seed, 0, 2**31 - 1)
     _range("exchange-timeout-s", c.exchange_timeout_s, 0.0, 86_400.0, lo_open=True)
@@ -232,6 +239,8 @@ def _validate(c: SplitConfig) -> None:
     if c.tokenizer != "auto":
         _model_ref("tokenizer", c.tokenizer, tiny_ok=False)
     _range("hidden-size", c.hidden_size, 8, 16_384)
+    if c.vision_tower == TINY and c.hidden_size % 4:
+        raise ConfigError(f"Config key 'hidden-size' ({c.hidden_size}) must be divisible by 4 for the tiny vision tower.")
     _range("vision-layers", c.vision_layers, 1, 128)
     _range("llm-layers", c.llm_layers, 1, 128)
     _range("patch-size", c.patch_size, 1, c.image_size)

@@ -61,7 +61,7 @@ def run_reference(cfg: SplitConfig, num_partitions: int, evaluate_rounds: bool =
                 local_w[p] = get_weights(rt)
                 optim_state[p] = get_optimiser_state(rt)
             if encode:
-                losses, g = server_steps(server, y_hats, texts)
+                losses, g = server_steps(server, rnd, encode, y_hats, texts)
                 res.step_losses += losses
                 res.samples += len(encode) * cfg.batch_size * len(sampled)
                 grads = dict(zip(sampled, g))

@@ -12,6 +12,7 @@ import torch
 from .batches import QTYPES, TextBatch
 from .config import SplitConfig
 from .model import ServerModel, build_client_model, build_server_model, image_token_count, llm_hidden_size
+from .schedule import lr_at
 from .split_step import exact_match, server_generate, server_train_step, trainable
 from .tokenizer import get_tokenizer
 
@@ -61,17 +62,16 @@ def exchange_schedule(cfg: SplitConfig) -> list[tuple[list[int], list[int]]]:
 
 
 def server_steps(
-    rt: ServerRuntime, y_hats: list[list[torch.Tensor]], texts: list[list[TextBatch]]
+    rt: ServerRuntime, rnd: int, steps: list[int], y_hats: list[list[torch.Tensor]], texts: list[list[TextBatch]]
 ) -> tuple[list[float], list[list[torch.Tensor]]]:
-    """Run the server steps of one exchange.
+    """Run the server steps of one exchange (micro-batch steps ``steps`` of round ``rnd``).
 
-    ``y_hats[c][s]`` is client ``c``'s micro-batch ``s``. Step ``s`` concatenates all
-    clients' micro-batch ``s``. Returns the losses and ``grads[c][s]``."""
-    n_steps = len(y_hats[0]) if y_hats else 0
+    ``y_hats[c][i]`` is client ``c``'s micro-batch ``steps[i]``. Each step concatenates
+    all clients' micro-batch. Returns the losses and ``grads[c][i]``."""
     losses, grads = [], [[] for _ in y_hats]
-    for s in range(n_steps):
+    for i, step in enumerate(steps):
         loss, g = server_train_step(
-            rt.model, rt.opt, [y[s] for y in y_hats], [t[s] for t in texts], rt.pad_id,
+            rt.model, rt.opt, [y[i] for y in y_hats], [t[i] for t in texts], rt.pad_id, lr_at(rt.cfg, rnd, step),
             image_after_question=rt.cfg.image_position == "after-question",
         )
         losses.append(loss)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .batches import TextBatch, pad_text
 from .model import ClientModel, ServerModel
+from .schedule import set_lr
 
 
 def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -34,9 +35,11 @@ def client_apply_grads(
     opt: torch.optim.Optimizer,
     pixel_batches: list[torch.Tensor],
     grads: list[torch.Tensor],
+    lrs: list[float],
 ) -> list[float]:
     """Recompute each micro-batch, backprop its received gradient plus the client's own
-    auxiliary loss, then apply the optimiser steps in order. Returns the aux losses."""
+    auxiliary loss, then apply the optimiser steps in order (step ``s`` at rate
+    ``lrs[s]``). Returns the aux losses."""
     params = trainable(model)
     per_step: list[tuple[torch.Tensor, ...]] = []
     aux_losses = []
@@ -47,9 +50,10 @@ def client_apply_grads(
         surrogate = (enc.y * g).sum() + enc.aux_loss
         per_step.append(torch.autograd.grad(surrogate, params, allow_unused=True))
         aux_losses.append(float(enc.aux_loss.detach()))
-    for step_grads in per_step:
+    for step_grads, lr in zip(per_step, lrs, strict=True):
         for p, gp in zip(params, step_grads):
             p.grad = gp if gp is not None else torch.zeros_like(p)
+        set_lr(opt, lr)
         opt.step()
         opt.zero_grad(set_to_none=True)
     return aux_losses
@@ -83,6 +87,7 @@ def server_train_step(
     y_hats: list[torch.Tensor],
     texts: list[TextBatch],
     pad_id: int,
+    lr: float,
     image_after_question: bool = False,
 ) -> tuple[float, list[torch.Tensor]]:
     """One server step on the concatenated micro-batches of all clients.
@@ -95,6 +100,7 @@ def server_train_step(
         raise FloatingPointError(f"non-finite server loss {float(loss)}")
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    set_lr(opt, lr)
     opt.step()
     return float(loss.detach()), list(y.grad.split([t.shape[0] for t in y_hats]))
 

@@ -200,7 +200,7 @@ class SplitFedStrategy(Strategy):
                 final_replies = [replies[p] for p in active]
                 break
             step_losses, grads = server_steps(
-                self.server, [uploads[p].y_hats for p in active], [uploads[p].texts for p in active]
+                self.server, rnd, encode, [uploads[p].y_hats for p in active], [uploads[p].texts for p in active]
             )
             losses += step_losses
             samples += len(encode) * self.cfg.batch_size * len(active)

@@ -19,6 +19,7 @@ from sim.data.synthetic import (
     answer_question,
     generate_synthetic_samples,
     object_box,
+    object_size,
     render_scene,
     render_scenes,
     shape_masks,
@@ -106,7 +107,7 @@ def test_objects_visible_and_separate(size):
     samples = generate_synthetic_samples(150, seed=5)
     images = render_scenes([s.scene for s in samples], size)
     assert images.dtype == np.uint8 and images.shape == (150, size, size, 3)
-    masks = shape_masks(round(size / 4))
+    masks = shape_masks(object_size(size))
     for s, img in zip(samples, images):
         covered = np.zeros((size, size), dtype=bool)
         for o in s.scene.objects:

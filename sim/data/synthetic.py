@@ -2,9 +2,17 @@
 
 Each image shows 1-4 flat objects on a plain black or dark-grey background. An
 object is a (shape, colour) pair, shapes from :data:`SHAPES`, colours from
-:data:`COLOURS` (well separated in RGB). Objects sit in distinct cells of a 3x3
-grid, so they never overlap and "left of" / "above" are unambiguous. Object size
-scales with the image (``round(image_size / 4)`` px: 8 px at 32 px).
+:data:`COLOURS` (well separated in RGB). Objects sit in distinct cells of a centred
+3x3 grid, so they never overlap and "left of" / "above" are unambiguous.
+
+Layout: a cell is ``image_size // 4`` px wide and the grid leaves a margin of half a
+cell on every side; an object fills its cell but for a gap of ``max(1, cell // 8)``
+px (7 px objects in 8 px cells at 32 px; below 20 px, where that would make objects
+smaller than 4 px, cells are ``image_size // 3`` wide instead). Cells therefore start on multiples of
+``image_size / 8``: with the default ViT patch of 4 px at 32 px (and e.g. patch 14 at
+224 px) every object covers exactly 2x2 patches and no patch holds parts of two
+objects. Measured on the default tiny model, this learns colour and shape questions
+markedly faster than unaligned 10 px cells (docs/results-spine.md).
 
 Every image gets one question, its type drawn uniformly from
 :data:`QUESTION_TYPES`:
@@ -101,10 +109,6 @@ class AmbiguousQuestion(ValueError):
 
 
 # ----------------------------------------------------------------------------- geometry
-def _object_size(image_size: int) -> int:
-    return max(4, round(image_size / 4))
-
-
 def _check_size(image_size: int) -> None:
     if not isinstance(image_size, int | np.integer) or not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
         raise ValueError(
@@ -132,12 +136,18 @@ def shape_masks(size: int) -> np.ndarray:
 
 def _layout(image_size: int) -> tuple[int, int, int, int]:
     """(object size, cell size, grid offset, max jitter in px) for an image size."""
-    s = _object_size(image_size)
-    cell = image_size // GRID
+    cell = image_size // (GRID + 1)
+    s = cell - max(1, cell // 8)
+    if s < 4:  # below 20 px: shapes need 4 px to stay distinct, so use the whole width
+        cell, s = image_size // GRID, max(4, round(image_size / 4))
     off = (image_size - GRID * cell) // 2
-    slack = cell - s
-    jmax = max(0, slack // 2 - 1)  # keeps >= 1 px between neighbouring objects
+    jmax = max(0, (cell - s) // 2 - 1)  # keeps >= 1 px between neighbouring objects
     return s, cell, off, jmax
+
+
+def object_size(image_size: int) -> int:
+    """Side in pixels of every object drawn at ``image_size``."""
+    return _layout(image_size)[0]
 
 
 # ----------------------------------------------------------------------------- rendering
