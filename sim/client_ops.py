@@ -18,8 +18,8 @@ import torch
 from .batches import TextBatch, TokenisedExamples, eval_text, pixels, step_indices, tokenise, train_text
 from .compress import Payload
 from .config import SplitConfig
-from .data import client_shard, load_examples
-from .model import ClientModel, build_client_model
+from .data import bad_record_count, client_shard, load_examples
+from .model import ClientBatch, ClientModel, build_client_model, client_state, image_token_count, load_client_state
 from .schedule import lr_at
 from .split_step import client_apply_grads, trainable
 from .tokenizer import get_tokenizer
@@ -36,31 +36,36 @@ class ClientRuntime:
     test_idx: np.ndarray
     pad_id: int
     vocab_size: int
+    bad_records: int = 0  # records of the local data skipped under on-bad-record=skip
 
 
 @dataclass
 class Encodings:
-    """What a client uploads for some micro-batches."""
+    """What a client uploads for some micro-batches: per micro-batch, one payload per
+    uplink stream (``image``, and ``residual``/``text`` when active), its text and aux loss."""
 
-    payloads: list[Payload]
+    payloads: list[dict[str, Payload]]
     texts: list[TextBatch]
     aux_losses: list[float]
 
 
-def client_runtime(cfg: SplitConfig, partition: int, num_partitions: int) -> ClientRuntime:
-    """The runtime for one client (cached model and data; weights restored by the caller)."""
+def client_runtime(cfg: SplitConfig, partition: int, num_partitions: int, own_data: bool = False) -> ClientRuntime:
+    """The runtime for one client (cached model and data; weights restored by the caller).
+
+    ``own_data``: ``cfg.data_path`` is this site's own file, used whole (not partitioned)."""
     if not 0 <= partition < num_partitions:
         raise ValueError(f"partition-id {partition} is outside [0, {num_partitions})")
-    model, opt = _model_and_optimiser(cfg)
-    data = _tokenised(cfg)
-    train_idx, test_idx = _shard(cfg, partition, num_partitions)
     tok = get_tokenizer(cfg)
-    return ClientRuntime(cfg, partition, model, opt, data, train_idx, test_idx, tok.pad_token_id, len(tok))
+    model, opt = _model_and_optimiser(cfg, len(tok))
+    data = _tokenised(cfg)
+    train_idx, test_idx = _shard(cfg, 0, 1) if own_data else _shard(cfg, partition, num_partitions)
+    bad = bad_record_count(cfg.dataset, cfg.data_path, cfg.image_size, cfg.num_samples, cfg.seed, cfg.on_bad_record)
+    return ClientRuntime(cfg, partition, model, opt, data, train_idx, test_idx, tok.pad_token_id, len(tok), bad)
 
 
 @functools.lru_cache(maxsize=4)
-def _model_and_optimiser(cfg: SplitConfig) -> tuple[ClientModel, torch.optim.Optimizer]:
-    model = build_client_model(cfg)
+def _model_and_optimiser(cfg: SplitConfig, vocab_size: int) -> tuple[ClientModel, torch.optim.Optimizer]:
+    model = build_client_model(cfg, vocab_size)
     opt = torch.optim.AdamW(trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
     return model, opt
 
@@ -82,21 +87,13 @@ def _shard(cfg: SplitConfig, partition: int, num_partitions: int) -> tuple[np.nd
 
 # ----------------------------------------------------------------------------- state
 def load_weights(rt: ClientRuntime, weights: dict[str, torch.Tensor]) -> None:
-    """Overwrite the trainable weights (strict: every trainable name, nothing else)."""
-    names = {n for n, p in rt.model.named_parameters() if p.requires_grad}
-    if set(weights) != names:
-        missing, extra = sorted(names - set(weights)), sorted(set(weights) - names)
-        raise ValueError(f"client weights do not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
-    params = dict(rt.model.named_parameters())
-    with torch.no_grad():
-        for n, t in weights.items():
-            if params[n].shape != t.shape:
-                raise ValueError(f"weight {n!r} has shape {tuple(t.shape)}, expected {tuple(params[n].shape)}")
-            params[n].copy_(t)
+    """Overwrite the client state: trainable weights plus the codecs' synced buffers
+    (strict: every name, nothing else; see :func:`sim.model.client_state_names`)."""
+    load_client_state(rt.model, weights)
 
 
 def get_weights(rt: ClientRuntime) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in rt.model.named_parameters() if p.requires_grad}
+    return client_state(rt.model)
 
 
 def get_optimiser_state(rt: ClientRuntime) -> dict[str, torch.Tensor]:
@@ -120,26 +117,58 @@ def micro_batch(rt: ClientRuntime, rnd: int, step: int) -> np.ndarray:
     return rt.train_idx[local]
 
 
+def client_batch(rt: ClientRuntime, idx: np.ndarray, text: list[np.ndarray] | None = None) -> ClientBatch:
+    """The micro-batch of examples ``idx``; with ``text-mode=quantized`` also its token ids
+    (the whole sequences unless ``text`` gives others, e.g. evaluation prompts)."""
+    if rt.cfg.text_mode == "quantized" and text is None:
+        text = [rt.data.ids[i] for i in idx]
+    return ClientBatch(pixels(rt.data, idx), text if rt.cfg.text_mode == "quantized" else None)
+
+
+def pack_streams(rt: ClientRuntime, encs: dict) -> dict[str, Payload]:
+    codecs = rt.model.codecs()
+    return {s: codecs[s].pack(e) for s, e in encs.items()}
+
+
 def encode_steps(rt: ClientRuntime, rnd: int, steps: list[int]) -> Encodings:
     """Forward + encode + pack the given micro-batches with the current weights."""
     payloads, texts, aux = [], [], []
-    codec = rt.model.codec
     with torch.no_grad():
         for s in steps:
             idx = micro_batch(rt, rnd, s)
-            enc = rt.model(pixels(rt.data, idx))
-            payloads.append(codec.pack(enc))
+            encs = rt.model.encode(client_batch(rt, idx))
+            payloads.append(pack_streams(rt, encs))
             texts.append(train_text(rt.data, idx, rt.pad_id))
-            aux.append(float(enc.aux_loss))
+            aux.append(float(sum(e.aux_loss for e in encs.values())))
     return Encodings(payloads, texts, aux)
 
 
-def apply_steps(rt: ClientRuntime, rnd: int, steps: list[int], grads: list[torch.Tensor]) -> list[float]:
-    """Recompute the given micro-batches and apply their received gradients."""
+def apply_steps(rt: ClientRuntime, rnd: int, steps: list[int], grads: list) -> list[float]:
+    """Recompute the given micro-batches and apply their received gradients
+    (``grads[i]``: a tensor for the image stream, or ``{stream: tensor}``)."""
     if len(steps) != len(grads):
         raise ValueError(f"{len(grads)} gradients for {len(steps)} steps")
-    pix = [pixels(rt.data, micro_batch(rt, rnd, s)) for s in steps]
-    return client_apply_grads(rt.model, rt.opt, pix, grads, [lr_at(rt.cfg, rnd, s) for s in steps])
+    batches = [client_batch(rt, micro_batch(rt, rnd, s)) for s in steps]
+    return client_apply_grads(rt.model, rt.opt, batches, grads, [lr_at(rt.cfg, rnd, s) for s in steps])
+
+
+INIT_ROUND = 0  # codec initialisation draws its micro-batches from a round of its own
+
+
+def init_batches(rt: ClientRuntime) -> int:
+    """Micro-batches for the data-dependent codec initialisation: enough tokens for one per
+    AlignedVQ code (at least 4, at most 64 micro-batches)."""
+    codes = max((getattr(c, "size", 0) for c in rt.model.codecs().values() if c.needs_init), default=0)
+    tokens = rt.cfg.batch_size * image_token_count(rt.cfg)
+    return int(min(64, max(4, -(-codes // tokens))))
+
+
+def init_codec_state(rt: ClientRuntime) -> dict[str, torch.Tensor]:
+    """Run the codecs' data-dependent initialisation (AlignedVQ k-means, RD-FSQ EMA
+    statistics) on this client's own micro-batches; returns the client state."""
+    batches = [client_batch(rt, micro_batch(rt, INIT_ROUND, s)) for s in range(init_batches(rt))]
+    rt.model.init_codecs(batches)
+    return get_weights(rt)
 
 
 def eval_indices(rt: ClientRuntime) -> tuple[np.ndarray, int]:
@@ -149,14 +178,16 @@ def eval_indices(rt: ClientRuntime) -> tuple[np.ndarray, int]:
     return rt.test_idx[np.arange(total) % n], n
 
 
-def encode_eval(rt: ClientRuntime) -> tuple[list[Payload], list[np.ndarray], list[np.ndarray], np.ndarray, np.ndarray, int]:
-    """Codes of the local test set (in micro-batches), prompts, answers, first-question
-    lengths and question types."""
+def encode_eval(rt: ClientRuntime) -> tuple[list[dict[str, Payload]], list[np.ndarray], list[np.ndarray], np.ndarray, np.ndarray, int]:
+    """Codes of the local test set (in micro-batches; with ``text-mode=quantized`` the text
+    stream holds the prompts of the micro-batch's real samples), prompts, answers,
+    first-question lengths and question types."""
     idx, n = eval_indices(rt)
+    prompts, answers = eval_text(rt.data, idx[:n])
     payloads = []
     with torch.no_grad():
         for start in range(0, len(idx), rt.cfg.batch_size):
             chunk = idx[start : start + rt.cfg.batch_size]
-            payloads.append(rt.model.codec.pack(rt.model(pixels(rt.data, chunk))))
-    prompts, answers = eval_text(rt.data, idx[:n])
+            batch = client_batch(rt, chunk, prompts[start : start + rt.cfg.batch_size])
+            payloads.append(pack_streams(rt, rt.model.encode(batch)))
     return payloads, prompts, answers, rt.data.first_turn_len[idx[:n]], rt.data.qtype[idx[:n]], n

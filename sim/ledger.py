@@ -68,6 +68,15 @@ class Ledger:
                     w.writerow([getattr(r, c) for c in COLUMNS])
         return seconds
 
+    def restore(self, rows: list[LedgerRow], sim_network_s: float) -> None:
+        """Start from a checkpoint's rows (``ledger.csv`` is rewritten to hold exactly them)."""
+        self.rows, self.sim_network_s = list(rows), sim_network_s
+        if self._path is not None:
+            with self._path.open("w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(COLUMNS)
+                w.writerows([getattr(r, c) for c in COLUMNS] for r in self.rows)
+
     def totals(self, round_: int | None = None) -> dict[str, int]:
         rows = [r for r in self.rows if round_ is None or r.round == round_]
         out = {

@@ -13,14 +13,19 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from flwr.app import RecordDict
 
 from .client_ops import (
     apply_steps, client_runtime, encode_eval, encode_steps, get_optimiser_state, get_weights,
-    load_optimiser_state, load_weights,
+    init_codec_state, load_optimiser_state, load_weights,
 )
 from .config import SplitConfig
-from .server_ops import build_server, evaluate, exchange_schedule, fedavg, initial_client_weights, sample_partitions, server_steps
-from .wire import FeatureShape, arrays_to_grads, grads_to_arrays
+from .model import state_needs_init
+from .server_ops import (
+    ServerRuntime, build_server, evaluate, exchange_schedule, fedavg, initial_client_weights, sample_partitions,
+    server_steps, sync_round_state, unpack_streams,
+)
+from .streams import decode_grad_records, grad_records, micro_batch_shapes, split_prompt_stream, text_token_counts
 
 
 @dataclass
@@ -29,23 +34,33 @@ class ReferenceResult:
     accuracy: list[float] = field(default_factory=list)
     samples: int = 0
     train_s: float = 0.0
+    eval_counts: dict[str, tuple[int, int]] = field(default_factory=dict)  # last evaluation: (correct, total) per question type and "all"
+    client_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # the final global client-side weights
+    server: ServerRuntime | None = None  # the trained server half
 
 
 def run_reference(cfg: SplitConfig, num_partitions: int, evaluate_rounds: bool = True) -> ReferenceResult:
     """Train ``num-server-rounds`` rounds over ``num_partitions`` in-process clients."""
     torch.manual_seed(cfg.seed)
     server = build_server(cfg)
+    partitions = list(range(num_partitions))
     global_w = initial_client_weights(cfg)
+    if state_needs_init(cfg, global_w):  # codec initialisation on the lowest partition (as the strategy)
+        rt = client_runtime(cfg, partitions[0], num_partitions)
+        load_weights(rt, global_w)
+        load_optimiser_state(rt, None)
+        global_w = init_codec_state(rt)
+    global_w = sync_round_state(server, global_w)
     optim_state: dict[int, dict[str, torch.Tensor]] = {}
     local_w: dict[int, dict[str, torch.Tensor]] = {}
     res = ReferenceResult()
-    partitions = list(range(num_partitions))
     for rnd in range(1, cfg.num_server_rounds + 1):
         t0 = time.perf_counter()
         sampled = sample_partitions(partitions, cfg, rnd)
         for p in sampled:
             local_w[p] = global_w
-        grads: dict[int, list[torch.Tensor]] = {}
+        grads: dict[int, list] = {}
+        tokens: dict[int, list[int]] = {}  # text tokens per encoded micro-batch (text stream shapes)
         for apply, encode in exchange_schedule(cfg):
             y_hats, texts = [], []
             for p in sampled:
@@ -53,10 +68,11 @@ def run_reference(cfg: SplitConfig, num_partitions: int, evaluate_rounds: bool =
                 load_weights(rt, local_w[p])
                 load_optimiser_state(rt, optim_state.get(p))
                 if apply:
-                    apply_steps(rt, rnd, apply, _wire_grads(cfg, grads[p], len(apply), server.tokens, server.dim))
+                    apply_steps(rt, rnd, apply, _wire_grads(cfg, grads[p], micro_batch_shapes(cfg, tokens[p], len(apply))))
                 if encode:
                     enc = encode_steps(rt, rnd, encode)
-                    y_hats.append([server.model.codec.unpack(pl, (cfg.batch_size, server.tokens, server.dim)) for pl in enc.payloads])
+                    tokens[p] = [int(t.lens.sum()) for t in enc.texts]
+                    y_hats.append([unpack_streams(server, pl, n) for pl, n in zip(enc.payloads, tokens[p])])
                     texts.append(enc.texts)
                 local_w[p] = get_weights(rt)
                 optim_state[p] = get_optimiser_state(rt)
@@ -66,25 +82,36 @@ def run_reference(cfg: SplitConfig, num_partitions: int, evaluate_rounds: bool =
                 res.samples += len(encode) * cfg.batch_size * len(sampled)
                 grads = dict(zip(sampled, g))
         global_w = fedavg([local_w[p] for p in sampled], [len(client_runtime(cfg, p, num_partitions).train_idx) for p in sampled])
+        global_w = sync_round_state(server, global_w)
         res.train_s += time.perf_counter() - t0
         if evaluate_rounds:
-            res.accuracy.append(_evaluate(cfg, server, global_w, num_partitions))
+            res.eval_counts = _evaluate(cfg, server, global_w, num_partitions, rnd)
+            c, t = res.eval_counts.get("all", (0, 0))
+            res.accuracy.append(c / t if t else float("nan"))
+    res.client_weights, res.server = global_w, server
     return res
 
 
-def _wire_grads(cfg: SplitConfig, grads: list[torch.Tensor], steps: int, tokens: int, dim: int) -> list[torch.Tensor]:
-    """The gradients as the client receives them (after the downlink dtype)."""
-    shape = FeatureShape(steps, cfg.batch_size, tokens, dim)
-    return arrays_to_grads(grads_to_arrays(grads, cfg), shape, cfg)
+def _wire_grads(cfg: SplitConfig, grads: list, shapes: dict) -> list:
+    """The gradients as the client receives them (through the downlink records and codec)."""
+    return decode_grad_records(RecordDict(grad_records(cfg, grads)), cfg, shapes)
 
 
-def _evaluate(cfg: SplitConfig, server, global_w: dict[str, torch.Tensor], num_partitions: int) -> float:
-    correct = total = 0
-    for p in range(num_partitions):
+def _evaluate(
+    cfg: SplitConfig, server, global_w: dict[str, torch.Tensor], num_partitions: int, rnd: int
+) -> dict[str, tuple[int, int]]:
+    """(correct, total) over the evaluated clients' local test sets (all of them unless
+    ``fraction-evaluate`` < 1), overall and per question type."""
+    totals: dict[str, tuple[int, int]] = {}
+    for p in sample_partitions(list(range(num_partitions)), cfg, rnd, evaluation=True):
         rt = client_runtime(cfg, p, num_partitions)
         load_weights(rt, global_w)
         payloads, prompts, answers, splits, qtypes, n = encode_eval(rt)
-        y_hats = [server.model.codec.unpack(pl, (cfg.batch_size, server.tokens, server.dim)) for pl in payloads]
-        c, t = evaluate(server, y_hats, prompts, answers, qtypes, splits)["all"]
-        correct, total = correct + c, total + t
-    return correct / total if total else float("nan")
+        counts = text_token_counts([len(q) for q in prompts], cfg.batch_size)
+        y_hats = [unpack_streams(server, pl, c) for pl, c in zip(payloads, counts)]
+        if cfg.text_mode == "quantized":  # the server sees the prompts as decoded embeddings only
+            y_hats, prompts = split_prompt_stream(y_hats, [len(q) for q in prompts])
+        for k, (c, t) in evaluate(server, y_hats, prompts, answers, qtypes, splits).items():
+            c0, t0 = totals.get(k, (0, 0))
+            totals[k] = (c0 + c, t0 + t)
+    return totals

@@ -23,8 +23,8 @@ from .config import SplitConfig  # noqa: E402
 from .ledger import Ledger  # noqa: E402
 
 METRIC_COLUMNS = (
-    "round", "accuracy", "train_loss", "client_aux_loss", "clients", "dropped", "samples",
-    "uplink_bytes", "downlink_bytes", "exchanges", "wall_s", "sim_network_s",
+    "round", "accuracy", "train_loss", "client_aux_loss", "clients", "dropped", "rejected", "samples",
+    "uplink_bytes", "downlink_bytes", "exchanges", "wall_s", "train_s", "runtime_s", "client_compute_s", "sim_network_s",
     "acc_colour", "acc_shape", "acc_count", "acc_position", "acc_relational", "acc_llava",
 )
 
@@ -67,11 +67,15 @@ class RunRecorder:
             "client_aux_loss": report.client_aux,
             "clients": len(report.clients),
             "dropped": ";".join(f"{p}:{why}" for p, why in sorted(report.dropped.items())),
+            "rejected": report.rejected,
             "samples": report.samples,
             "uplink_bytes": totals["uplink_bytes"],
             "downlink_bytes": totals["downlink_bytes"],
             "exchanges": report.exchanges,
             "wall_s": round(report.wall_s, 4),
+            "train_s": round(report.train_s, 4),
+            "runtime_s": round(report.runtime_s, 4),
+            "client_compute_s": round(report.client_compute_s, 4),
             "sim_network_s": round(report.sim_network_s, 6),
         }
         for q in ("colour", "shape", "count", "position", "relational", "llava"):

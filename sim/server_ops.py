@@ -11,8 +11,13 @@ import torch
 
 from .batches import QTYPES, TextBatch
 from .config import SplitConfig
-from .model import ServerModel, build_client_model, build_server_model, image_token_count, llm_hidden_size
+from .compress import Payload
+from .model import (
+    ServerModel, build_client_model, build_server_model, client_state, fold_client_state, image_token_count,
+    load_server_synced, stream_width,
+)
 from .schedule import lr_at
+from .streams import micro_batch_shapes
 from .split_step import exact_match, server_generate, server_train_step, trainable
 from .tokenizer import get_tokenizer
 
@@ -23,7 +28,7 @@ class ServerRuntime:
     model: ServerModel
     opt: torch.optim.Optimizer
     tokens: int  # image tokens N per sample
-    dim: int  # feature width D
+    dim: int  # image feature width D at the split point
     vocab_size: int
     pad_id: int
     eos_id: int
@@ -34,20 +39,43 @@ def build_server(cfg: SplitConfig) -> ServerRuntime:
     model = build_server_model(cfg, len(tok))
     opt = torch.optim.AdamW(trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
     return ServerRuntime(
-        cfg, model, opt, image_token_count(cfg), llm_hidden_size(cfg), len(tok), tok.pad_token_id, tok.eos_token_id
+        cfg, model, opt, image_token_count(cfg), stream_width(cfg, "image"), len(tok), tok.pad_token_id, tok.eos_token_id
     )
 
 
 def initial_client_weights(cfg: SplitConfig) -> dict[str, torch.Tensor]:
-    """The global client-side weights before round 1 (the seeded initialisation)."""
-    model = build_client_model(cfg)
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """The global client-side state before round 1 (the seeded initialisation; codecs
+    with data-dependent state still need :func:`sim.client_ops.init_codec_state`)."""
+    return client_state(build_client_model(cfg))
 
 
-def sample_partitions(partitions: list[int], cfg: SplitConfig, rnd: int) -> list[int]:
-    """Seeded sample of ``fraction-train`` of the clients for a round, sorted."""
-    k = max(1, int(round(cfg.fraction_train * len(partitions))))
-    rng = np.random.default_rng([cfg.seed, rnd, 7])
+def sync_round_state(rt: ServerRuntime, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The global client state for the next round: fold the codecs' synced buffers
+    (AlignedVQ EMA codebook, RD-FSQ EMA statistics) and install what the server halves
+    decode with. Called after FedAvg and after the codec initialisation."""
+    weights = fold_client_state(rt.cfg, weights)
+    load_server_synced(rt.model, rt.cfg, weights)
+    return weights
+
+
+def unpack_streams(rt: ServerRuntime, payloads: dict[str, Payload], text_tokens: int | None = None) -> dict[str, torch.Tensor]:
+    """Decode one micro-batch's payloads without wire framing (the reference trainer's path;
+    entropy coding is lossless, so the values are those the wire path decodes)."""
+    codecs = rt.model.codecs()
+    shapes = micro_batch_shapes(rt.cfg, None if text_tokens is None else [text_tokens])
+    if set(payloads) != set(codecs):
+        raise ValueError(f"payload streams {sorted(payloads)} != active streams {sorted(codecs)}")
+    return {s: codecs[s].unpack(p, shapes[s][0]) for s, p in payloads.items()}
+
+
+def sample_partitions(partitions: list[int], cfg: SplitConfig, rnd: int, evaluation: bool = False) -> list[int]:
+    """Seeded sample of ``fraction-train`` (``fraction-evaluate`` for evaluation) of the
+    clients for a round, sorted."""
+    fraction = cfg.fraction_evaluate if evaluation else cfg.fraction_train
+    if fraction >= 1.0:
+        return sorted(partitions)
+    k = max(1, int(round(fraction * len(partitions))))
+    rng = np.random.default_rng([cfg.seed, rnd, 11 if evaluation else 7])
     return sorted(int(p) for p in rng.choice(sorted(partitions), size=k, replace=False))
 
 
@@ -98,9 +126,14 @@ def evaluate(
     rt: ServerRuntime, y_hats: list[torch.Tensor], prompts: list, answers: list, qtypes: np.ndarray,
     splits: np.ndarray,
 ) -> dict[str, tuple[int, int]]:
-    """Greedy split inference; (correct, total) overall and per question type."""
+    """Greedy split inference; (correct, total) overall and per question type.
+
+    ``y_hats`` per micro-batch: the image tensor or ``{stream: tensor}``; ``prompts``:
+    token ids, or (len, D) decoded embeddings with ``text-mode=quantized``."""
     rt.model.eval()
-    feats = torch.cat(y_hats)[: len(prompts)]
+    with torch.no_grad():
+        feats = torch.cat([rt.model.image_embeds(y if isinstance(y, dict) else {"image": y}) for y in y_hats])[: len(prompts)]
+        prompts = [rt.model.text_codec(p) if torch.is_tensor(p) and p.is_floating_point() else p for p in prompts]
     correct: list[bool] = []
     bs = rt.cfg.eval_batch_size
     for i in range(0, len(prompts), bs):

@@ -8,6 +8,10 @@ concatenated into one server step)::
     server  train_step([y_hat_i], text) -> loss, [dL/dy_hat_i]    [downlink: grads]
     client  apply_grads(pixels, grad)   -> recompute, backward, optimiser step
 
+Each of ``y``/``y_hat``/``dL/dy_hat`` is one tensor per uplink stream (``image``; plus
+``residual`` at ``vit-ln1:k`` with ``residual-mode=transmit`` and ``text`` with
+``text-mode=quantized``).
+
 Staleness with ``steps-per-exchange = S``: a client encodes S micro-batches with the
 weights it has at the start of an exchange. When their gradients arrive, it
 recomputes those S forwards with the *same* weights (bitwise the codes it sent),
@@ -22,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .batches import TextBatch, pad_text
-from .model import ClientModel, ServerModel
+from .model import ClientBatch, ClientModel, ServerModel
 from .schedule import set_lr
 
 
@@ -30,26 +34,37 @@ def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
+def _as_streams(v) -> dict:
+    return v if isinstance(v, dict) else {"image": v}
+
+
 def client_apply_grads(
     model: ClientModel,
     opt: torch.optim.Optimizer,
-    pixel_batches: list[torch.Tensor],
-    grads: list[torch.Tensor],
+    batches: list[ClientBatch | torch.Tensor],
+    grads: list[dict[str, torch.Tensor] | torch.Tensor],
     lrs: list[float],
 ) -> list[float]:
-    """Recompute each micro-batch, backprop its received gradient plus the client's own
-    auxiliary loss, then apply the optimiser steps in order (step ``s`` at rate
-    ``lrs[s]``). Returns the aux losses."""
+    """Recompute each micro-batch, backprop its received gradients (one per uplink stream;
+    a bare tensor is the image stream's) plus the client's own auxiliary losses, then
+    apply the optimiser steps in order (step ``s`` at rate ``lrs[s]``). Returns the aux
+    losses. ``batches`` are :class:`ClientBatch` or bare pixel tensors."""
     params = trainable(model)
     per_step: list[tuple[torch.Tensor, ...]] = []
     aux_losses = []
-    for pix, g in zip(pixel_batches, grads):
-        enc = model(pix)
-        if enc.y.shape != g.shape:
-            raise ValueError(f"gradient shape {tuple(g.shape)} does not match features {tuple(enc.y.shape)}")
-        surrogate = (enc.y * g).sum() + enc.aux_loss
+    for batch, g in zip(batches, grads):
+        encs = model.encode(batch if isinstance(batch, ClientBatch) else ClientBatch(batch))
+        g = _as_streams(g)
+        if set(g) != set(encs):
+            raise ValueError(f"gradients for streams {sorted(g)}, the model encodes {sorted(encs)}")
+        surrogate, aux = 0, 0
+        for s, enc in encs.items():
+            if enc.y.shape != g[s].shape:
+                raise ValueError(f"{s} gradient shape {tuple(g[s].shape)} does not match features {tuple(enc.y.shape)}")
+            surrogate = surrogate + (enc.y * g[s]).sum() + enc.aux_loss
+            aux = aux + enc.aux_loss.detach()
         per_step.append(torch.autograd.grad(surrogate, params, allow_unused=True))
-        aux_losses.append(float(enc.aux_loss.detach()))
+        aux_losses.append(float(aux))
     for step_grads, lr in zip(per_step, lrs, strict=True):
         for p, gp in zip(params, step_grads):
             p.grad = gp if gp is not None else torch.zeros_like(p)
@@ -84,47 +99,61 @@ def first_answer_index(text: TextBatch) -> torch.Tensor:
 def server_train_step(
     model: ServerModel,
     opt: torch.optim.Optimizer,
-    y_hats: list[torch.Tensor],
+    y_hats: list[dict[str, torch.Tensor] | torch.Tensor],
     texts: list[TextBatch],
     pad_id: int,
     lr: float,
     image_after_question: bool = False,
-) -> tuple[float, list[torch.Tensor]]:
+) -> tuple[float, list]:
     """One server step on the concatenated micro-batches of all clients.
 
-    Returns the loss and dL/dy_hat split back per client (the downlink gradients)."""
-    y = torch.cat(y_hats).requires_grad_(True)
+    ``y_hats[c]`` is client ``c``'s decoded streams (``image`` (B,N,D), ``residual``
+    (B,N,Dv), ``text`` (1,L,D)) or just its image tensor. Returns the loss and the
+    gradients dL/dy_hat split back per client in the same form (the downlink)."""
+    ups = [_as_streams(y) for y in y_hats]
+    cat_dim = {"text": 1}
+    streams = {k: torch.cat([u[k] for u in ups], dim=cat_dim.get(k, 0)).requires_grad_(True) for k in ups[0]}
     text = concat_text(texts, pad_id)
-    loss = answer_loss(model.logits(y, text.ids, first_answer_index(text) if image_after_question else None), text, y.shape[1])
+    img = model.image_embeds(streams)
+    txt = model.text_embeds(text.ids, text.lens, streams.get("text"))
+    split = first_answer_index(text) if image_after_question else None
+    loss = answer_loss(model.sequence_logits(img, txt, split), text, img.shape[1])
     if not torch.isfinite(loss):
         raise FloatingPointError(f"non-finite server loss {float(loss)}")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     set_lr(opt, lr)
     opt.step()
-    return float(loss.detach()), list(y.grad.split([t.shape[0] for t in y_hats]))
+    parts = {k: v.grad.split([u[k].shape[cat_dim.get(k, 0)] for u in ups], dim=cat_dim.get(k, 0)) for k, v in streams.items()}
+    grads = [{k: parts[k][c] for k in streams} for c in range(len(ups))]
+    return float(loss.detach()), [g if isinstance(y, dict) else g["image"] for g, y in zip(grads, y_hats)]
 
 
 @torch.no_grad()
 def server_generate(
-    model: ServerModel, y_hat: torch.Tensor, prompts: list, eos_id: int, pad_id: int, max_new: int,
+    model: ServerModel, img: torch.Tensor, prompts: list, eos_id: int, pad_id: int, max_new: int,
     split: torch.Tensor | None = None,
 ) -> list[list[int]]:
     """Greedy decoding of the answer after each prompt; stops at eos or ``max_new``.
 
-    Right-padded buffer and no KV cache: answers are a few tokens, and causal
-    attention makes the padding after each row's cursor irrelevant."""
-    B, n_img = y_hat.shape[0], y_hat.shape[1]
+    ``img`` is the (B,N,D) image tokens (:meth:`ServerModel.image_embeds`); a prompt is
+    token ids, or (len, D) decoded embeddings (``text-mode=quantized``). Generated tokens
+    are embedded with the server's own table. Right-padded buffer and no KV cache:
+    answers are a few tokens, and causal attention makes the padding after each row's
+    cursor irrelevant."""
+    B, n_img = img.shape[0], img.shape[1]
+    table = model.llm.get_input_embeddings()
     lens = torch.tensor([len(p) for p in prompts])
-    buf = torch.full((B, int(lens.max()) + max_new), pad_id, dtype=torch.int64)
+    buf = table(torch.full((B, int(lens.max()) + max_new), pad_id, dtype=torch.int64)).clone()
     for i, p in enumerate(prompts):
-        buf[i, : len(p)] = torch.as_tensor(p)
+        emb = p if torch.is_tensor(p) and p.is_floating_point() else table(torch.as_tensor(p, dtype=torch.int64))
+        buf[i, : len(p)] = emb.to(buf.dtype)
     out: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool)
     rows = torch.arange(B)
     for _ in range(max_new):
         width = int(lens.max())
-        logits = model.logits(y_hat, buf[:, :width], split)
+        logits = model.sequence_logits(img, buf[:, :width], split)
         nxt = logits[rows, n_img + lens - 1].argmax(-1)
         for i in range(B):
             if not done[i]:
@@ -132,7 +161,7 @@ def server_generate(
                     done[i] = True
                 else:
                     out[i].append(int(nxt[i]))
-        buf[rows, lens] = torch.where(done, pad_id, nxt)
+        buf[rows, lens] = table(torch.where(done, pad_id, nxt))
         lens = lens + 1
         if bool(done.all()):
             break

@@ -1,9 +1,9 @@
 """Word-level tokenizer built offline with Hugging Face ``tokenizers``.
 
 ``tokenizer=auto`` builds a deterministic word-level vocabulary from the dataset's
-text (for the synthetic set, from its closed vocabulary, so every party derives
-the same table without seeing data) and wraps it as ``PreTrainedTokenizerFast``;
-the run saves it with ``save_pretrained``. Any other value is a local directory or
+text (for the synthetic and case-study sets, from their closed vocabularies, so
+every party derives the same table without seeing data) and wraps it as
+``PreTrainedTokenizerFast``; the run saves it with ``save_pretrained``. Any other value is a local directory or
 hub id loaded with ``AutoTokenizer.from_pretrained``.
 """
 
@@ -16,7 +16,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from .config import SplitConfig
-from .data import load_examples, synthetic_vocabulary
+from .data import CASE_STUDY_VOCABULARIES, load_examples, synthetic_vocabulary
 
 SPECIALS = {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<bos>", "eos_token": "<eos>"}
 
@@ -49,6 +49,8 @@ def _cached(tokenizer: str, dataset: str, data_path: str, image_size: int, num_s
         return load_tokenizer(tokenizer)
     if dataset == "synthetic":
         return build_word_tokenizer(synthetic_vocabulary())
+    if dataset in CASE_STUDY_VOCABULARIES:
+        return build_word_tokenizer(CASE_STUDY_VOCABULARIES[dataset]())
     examples = load_examples(dataset, data_path, image_size, num_samples, seed, on_bad)
     return build_word_tokenizer(text for ex in examples for turn in ex.turns for text in turn)
 

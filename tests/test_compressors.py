@@ -9,7 +9,7 @@ import torch
 
 from sim.compress import Payload, PayloadError, build_codecs, names, register
 from sim.compress.rdfsq import clip_and_scale, index_to_value, round_to_grid
-from sim.config import SplitConfig
+from sim.config import COMPRESSORS, SplitConfig
 
 DIM = 32
 SHAPE = (2, 6, DIM)
@@ -27,8 +27,9 @@ def variants():
 
 
 def test_registry_is_exact():
-    assert names() == ("fsq", "identity", "nf", "rdfsq", "topk")
-    with pytest.raises(ValueError, match="valid: fsq, identity, nf, rdfsq, topk"):
+    assert names() == ("fsq", "identity", "nf", "rdfsq", "topk", "vq")
+    assert set(names()) == set(COMPRESSORS)  # every config choice is registered
+    with pytest.raises(ValueError, match="valid: fsq, identity, nf, rdfsq, topk, vq"):
         build_codecs(types.SimpleNamespace(compressor="rdfsq2"), DIM)
     with pytest.raises(ValueError, match="already registered"):
         register("rdfsq")(lambda cfg, dim: None)

@@ -258,3 +258,59 @@ def test_faces_sources_independent_of_image_size():
     a, b = generate_faces_vqa(50, 1, 16), generate_faces_vqa(50, 1, 32)
     assert [x.qtype for x in a] == [x.qtype for x in b]
     assert [x.answer for x in a if x.qtype == "face"] == [x.answer for x in b if x.qtype == "face"]
+
+
+# ----------------------------------------------------------------------------- pools
+def test_all_pool_is_the_default():
+    for name, fn in CASE_STUDY_DATASETS.items():
+        a, b = fn(30, 5, 16), fn(30, 5, 16, "all")
+        assert all(np.array_equal(x.image, y.image) and x.turns == y.turns for x, y in zip(a, b)), name
+    with pytest.raises(ValueError, match="pool"):
+        CASE_STUDY_DATASETS["faces"](4, 0, 16, "shared")
+
+
+def test_face_pools_split_the_sources():
+    from sim.data.casestudy import PUBLIC_FACE_SOURCES, face_pool_sources
+
+    pub, priv = faces_sources(400, 2, "public"), faces_sources(640, 2, "private")
+    assert set(pub.tolist()) == set(PUBLIC_FACE_SOURCES) and len(PUBLIC_FACE_SOURCES) == 40
+    assert not set(priv.tolist()) & set(PUBLIC_FACE_SOURCES)
+    assert sum(s < 100 for s in PUBLIC_FACE_SOURCES) == 20  # as many faces as non-faces
+    for b in range(4):  # blocks of 160 cycle through the private sources
+        assert sorted(priv[160 * b:160 * (b + 1)].tolist()) == face_pool_sources("private").tolist()
+
+
+@pytest.mark.parametrize("shape,sides", [((512, 512), (64, 128)), ((1411, 1411), (64, 160))])
+def test_slide_pools_share_no_pixel(shape, sides):
+    """Public tiles lie inside one public cell; private tiles touch none (pathology and fundus geometry)."""
+    from sim.data.casestudy import POOL_GRID, PUBLIC_CELLS, _pool_tiles
+
+    rng = np.random.default_rng(0)
+    ch, cw = shape[0] // POOL_GRID, shape[1] // POOL_GRID
+    public = np.zeros(shape, bool)
+    for r, c in PUBLIC_CELLS:
+        public[r * ch:(r + 1) * ch, c * cw:(c + 1) * cw] = True
+    seen = np.zeros(shape, int)
+    for pool, want in (("public", True), ("private", False)):
+        t = _pool_tiles(rng, 400, sides, *shape, pool)
+        assert ((t["side"] >= sides[0]) & (t["side"] <= sides[1])).all()
+        for y, x, s in zip(t["y"], t["x"], t["side"]):
+            assert y >= 0 and x >= 0 and y + s <= shape[0] and x + s <= shape[1]
+            assert (public[y:y + s, x:x + s] == want).all(), (pool, y, x, s)
+            seen[y:y + s, x:x + s] += 1 if want else 0
+        if want:  # every public cell is used
+            assert all(seen[r * ch:(r + 1) * ch, c * cw:(c + 1) * cw].any() for r, c in PUBLIC_CELLS)
+
+
+def test_retina_public_pool_is_fundus_only():
+    exs = generate_retina_vqa(200, 4, 16, "public")
+    assert all(np.ptp(ex.image.astype(int), axis=-1).max() > 0 for ex in exs)  # no grey microaneurysm tiles
+
+
+@pytest.mark.parametrize("name", list(CASE_STUDY_DATASETS))
+def test_private_and_public_pools_have_every_answer(name):
+    for pool in ("private", "public"):
+        exs = CASE_STUDY_DATASETS[name](600, 3, 16, pool)
+        for q in case_study_questions(name):
+            got = {ex.answer for ex in exs if ex.qtype == q.qtype}
+            assert got == set(q.answers), (pool, q.qtype, got)

@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 from sim.compress.base import PayloadError
 from sim.compress.entropy_coding import (
-    count_dtype, empirical_entropy_bits, encoded_nbytes, entropy_decode, entropy_encode, symbol_bits,
+    count_dtype, empirical_entropy_bits, encoded_nbytes, entropy_decode, entropy_encode, symbol_bits, unwrap_index,
+    wrap_index,
 )
 from sim.compress.packing import pack_bits
 
@@ -168,3 +169,63 @@ def test_zstd_rejects_out_of_range_symbols():
 def test_empirical_entropy():
     assert empirical_entropy_bits(np.array([0, 1, 2, 3] * 10), 4) == pytest.approx(80.0)
     assert empirical_entropy_bits(np.zeros(100, np.int64), 4) == 0.0
+
+
+# ---------------------------------------------------------------- whole messages (the uplink)
+@settings(max_examples=40, deadline=None)
+@given(bits=st.integers(1, 12), counts=st.lists(st.integers(0, 300), min_size=1, max_size=5),
+       seed=st.integers(0, 2**32 - 1), method=st.sampled_from(METHODS), skew=st.booleans())
+def test_wrap_unwrap_restores_every_micro_batch_buffer(bits, counts, seed, method, skew):
+    """Micro-batches of odd sizes (each packed buffer has its own padding) in one stream."""
+    rng = np.random.default_rng(seed)
+    parts = [skewed(rng, n, 2**bits) if skew else rng.integers(0, 2**bits, n) for n in counts]
+    layouts = [(n, bits, 2**bits) for n in counts]
+    plain = {"codes.index": np.concatenate([pack_bits(p, bits) for p in parts]), "side.scale": np.ones(3, np.float16)}
+    wrapped = wrap_index(plain, layouts, method)
+    assert "codes.index" not in wrapped and np.array_equal(wrapped["side.scale"], plain["side.scale"])
+    back = unwrap_index(wrapped, layouts, method)
+    assert set(back) == set(plain)
+    np.testing.assert_array_equal(back["codes.index"], plain["codes.index"])
+
+
+def test_wrap_rejects_inconsistent_layouts_and_unwrap_bad_streams():
+    codes = np.random.default_rng(5).integers(0, 4, 100)
+    plain = {"codes.index": pack_bits(codes, 2)}
+    with pytest.raises(ValueError):
+        wrap_index(plain, [(100, 2, 4), (10, 3, 8)], "ans")  # mixed widths
+    with pytest.raises(ValueError):
+        wrap_index(plain, [(90, 2, 4)], "ans")  # the buffer holds more than the layouts
+    wrapped = wrap_index(plain, [(100, 2, 4)], "ans")
+    with pytest.raises(PayloadError, match="plain"):
+        unwrap_index({**wrapped, "codes.index": plain["codes.index"]}, [(100, 2, 4)], "ans")
+    with pytest.raises(PayloadError, match="missing"):
+        unwrap_index({"side.ans_counts": wrapped["side.ans_counts"]}, [(100, 2, 4)], "ans")
+    with pytest.raises(PayloadError):
+        unwrap_index(wrapped, [(101, 2, 4)], "ans")  # a different symbol count
+
+
+def real_codes(compressor: str, bits: int) -> tuple[np.ndarray, int]:
+    """Codes of real features: the tiny model's connector output on synthetic images."""
+    import torch
+
+    from sim.client_ops import client_batch, client_runtime, micro_batch
+    from sim.config import SplitConfig
+
+    cfg = SplitConfig(compressor=compressor, bits=bits, batch_size=8, num_samples=120, hidden_size=32, image_size=16,
+                      patch_size=4, nf_block=32)
+    rt = client_runtime(cfg, 0, 1)
+    if rt.model.codec.needs_init:
+        rt.model.init_codecs([client_batch(rt, micro_batch(rt, 0, s)) for s in range(2)])
+    with torch.no_grad():
+        enc = rt.model.codec(rt.model.features(client_batch(rt, micro_batch(rt, 1, 0)).pixels))
+    return enc.codes.numpy().reshape(-1), rt.model.codec.index_layout(tuple(enc.y.shape))[2]
+
+
+@pytest.mark.parametrize("compressor,bits", [("rdfsq", 2), ("fsq", 3), ("nf", 4), ("vq", 6)])
+@pytest.mark.parametrize("method", METHODS)
+def test_real_codes_round_trip(compressor, bits, method):
+    codes, symbols = real_codes(compressor, bits)
+    arrays = entropy_encode(codes, symbols, method)
+    np.testing.assert_array_equal(entropy_decode(arrays, symbols, codes.size, method), codes)
+    if method == "ans" and symbols <= 16:  # small alphabets: the histogram is negligible
+        assert encoded_nbytes(arrays) <= 1.05 * empirical_entropy_bits(codes, symbols) / 8 + 64

@@ -11,7 +11,7 @@ from strategies import SplitFedStrategy
 def mock_final_reply(partition: int, value: float, examples: int) -> Message:
     content = RecordDict(
         {
-            "meta": ConfigRecord({"partition-id": partition, "num-examples": examples}),
+            "meta": ConfigRecord({"partition-id": partition, "round": 1, "exchange": 1, "num-examples": examples}),
             "weights": ArrayRecord.from_torch_state_dict({"w": torch.full((3,), value), "b": torch.tensor([value])}),
         }
     )

@@ -9,13 +9,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .base import ClientCodec, Encoded, Payload, PayloadError, ServerCodec
+from .base import ClientCodec, Encoded, IndexLayout, Payload, PayloadError, ServerCodec
 from .fsq import FSQClient, FSQServer
 from .identity import IdentityClient, IdentityServer
 from .nf import NFClient, NFServer
 from .packing import PackError, pack_bits, packed_nbytes, unpack_bits
 from .rdfsq import RDFSQClient, RDFSQServer
 from .topk import TopKClient, TopKServer
+from .vq import VQClient, VQServer
 
 if TYPE_CHECKING:
     from sim.config import SplitConfig
@@ -54,11 +55,12 @@ def _identity(cfg: SplitConfig, dim: int) -> tuple[ClientCodec, ServerCodec]:
 
 @register("rdfsq")
 def _rdfsq(cfg: SplitConfig, dim: int) -> tuple[ClientCodec, ServerCodec]:
-    return RDFSQClient(dim, cfg.bits, cfg.rdfsq_stats, cfg.rdfsq_alpha), RDFSQServer(dim, cfg.bits)
+    client = RDFSQClient(dim, cfg.bits, cfg.rdfsq_stats, cfg.rdfsq_alpha, cfg.rdfsq_send_range, cfg.ema_decay)
+    return client, RDFSQServer(dim, cfg.bits, cfg.rdfsq_stats, cfg.rdfsq_send_range)
 
 
 __all__ = [
-    "ClientCodec", "Encoded", "Payload", "PayloadError", "ServerCodec", "PackError",
+    "ClientCodec", "Encoded", "IndexLayout", "Payload", "PayloadError", "ServerCodec", "PackError",
     "build_codecs", "names", "pack_bits", "packed_nbytes", "register", "unpack_bits",
 ]
 
@@ -77,3 +79,9 @@ def _nf(cfg: SplitConfig, dim: int) -> tuple[ClientCodec, ServerCodec]:
 @register("topk")
 def _topk(cfg: SplitConfig, dim: int) -> tuple[ClientCodec, ServerCodec]:
     return TopKClient(dim, cfg.bits, cfg.topk_random, seed=cfg.seed), TopKServer(dim, cfg.bits, cfg.topk_random)
+
+
+@register("vq")
+def _vq(cfg: SplitConfig, dim: int) -> tuple[ClientCodec, ServerCodec]:
+    client = VQClient(dim, cfg.bits, beta=cfg.vq_beta, decay=cfg.ema_decay, kmeans_iters=cfg.vq_kmeans_iters, seed=cfg.seed)
+    return client, VQServer(dim, cfg.bits)

@@ -81,8 +81,19 @@ class Encoded:
     side: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+IndexLayout = tuple[int, int, int]  # (number of codes, packed bits per code, alphabet size)
+
+
 class ClientCodec(nn.Module):
-    """Client half: ``forward(x) -> Encoded`` and ``pack(Encoded) -> Payload``."""
+    """Client half: ``forward(x) -> Encoded`` and ``pack(Encoded) -> Payload``.
+
+    Round-synchronised state (optional; AlignedVQ's codebook, RD-FSQ's EMA statistics):
+    ``synced_buffers`` names buffers that must travel with the client weights and be
+    FedAvg'd; ``fold_synced`` turns the averaged state into next round's state (on the
+    server, once per round); ``needs_init``/``init_from`` run the data-dependent
+    initialisation (k-means, first statistics) before round 1."""
+
+    synced_buffers: tuple[str, ...] = ()
 
     def forward(self, x: torch.Tensor) -> Encoded:  # pragma: no cover - interface
         raise NotImplementedError
@@ -90,9 +101,30 @@ class ClientCodec(nn.Module):
     def pack(self, enc: Encoded) -> Payload:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def index_layout(self, shape: tuple[int, ...]) -> IndexLayout | None:
+        """Layout of ``codes.index`` for features of ``shape``; None without integer codes."""
+        return None
+
+    @property
+    def needs_init(self) -> bool:
+        return False
+
+    def init_from(self, x: torch.Tensor) -> None:
+        """Data-dependent initialisation from features ``x`` (B,N,D); no-op by default."""
+
+    @staticmethod
+    def fold_synced(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+        """Next round's synced state from the FedAvg'd one (default: unchanged)."""
+        return state
+
 
 class ServerCodec(nn.Module):
-    """Server half: ``unpack(Payload, shape) -> y_hat`` and ``forward(y_hat) -> x``."""
+    """Server half: ``unpack(Payload, shape) -> y_hat`` and ``forward(y_hat) -> x``.
+
+    ``array_sizes(shape)`` gives the exact element count of every payload array for a
+    batch of ``shape`` (used to split concatenated micro-batches of unequal sizes and
+    to validate them); ``load_synced`` installs the round-synchronised client state
+    the server half needs to decode (AlignedVQ's codebook)."""
 
     def unpack(self, payload: Payload, shape: tuple[int, int, int]) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -100,9 +132,20 @@ class ServerCodec(nn.Module):
     def forward(self, y_hat: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def array_sizes(self, shape: tuple[int, int, int]) -> dict[str, int]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def index_layout(self, shape: tuple[int, ...]) -> IndexLayout | None:
+        return None
+
+    def load_synced(self, state: dict[str, torch.Tensor], prefix: str = "") -> None:
+        """Install round-synchronised client state (default: nothing to install)."""
+
 
 def straight_through(value: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     """``value`` in the forward pass, identity gradient to ``source`` in the backward."""
+    if not (torch.is_grad_enabled() and source.requires_grad):
+        return value.detach()  # nothing to route a gradient to (encode under no_grad)
     return value.detach() + (source - source.detach())  # value exactly; d/dsource = 1
 
 

@@ -14,6 +14,12 @@ closes that gap for any codec whose payload is integer indices in ``[0, S)``:
 * ``zstd``: Zstandard (RFC 8878) on the ``ceil(log2 S)``-bit packed codes.
 
 Data flow: ``codes (n,) in [0, S) -> {counts, words} | {data} -> codes``.
+
+On the uplink (run-config key ``entropy-coding``) :func:`wrap_index` replaces the
+fixed-width ``codes.index`` array of a whole message (all its micro-batches, one
+symbol model per message) by ``side.ans_counts`` + ``codes.ans_words`` or by
+``codes.zstd``; :func:`unwrap_index` restores the per-micro-batch packed arrays
+before the codec decodes them. The ledger counts what is really sent.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import constriction
 import numpy as np
 import zstandard
 
-from .base import PayloadError, require_array
+from .base import IndexLayout, PayloadError, require_array
 from .packing import pack_bits, packed_nbytes, unpack_bits
 
 METHODS = ("ans", "zstd")
@@ -165,3 +171,61 @@ def entropy_decode(arrays: dict[str, np.ndarray], num_symbols: int, count: int, 
     if method == "ans":
         return _decode_ans(arrays, num_symbols, count)
     return _decode_zstd(arrays, num_symbols, count)
+
+
+# ----------------------------------------------------------------------------- messages
+INDEX = "codes.index"
+WRAPPED = {"ans": {"counts": "side.ans_counts", "words": "codes.ans_words"}, "zstd": {"data": "codes.zstd"}}
+
+
+def _check_layouts(layouts: list[IndexLayout]) -> tuple[int, int, int]:
+    """``(total codes, bits, alphabet)`` of micro-batches that share one alphabet."""
+    if not layouts or any(lay is None for lay in layouts):
+        raise ValueError("entropy coding needs the index layout of every micro-batch")
+    bits, symbols = layouts[0][1], layouts[0][2]
+    if any((lay[1], lay[2]) != (bits, symbols) for lay in layouts):
+        raise ValueError("micro-batches of one message must share bit width and alphabet")
+    return sum(lay[0] for lay in layouts), bits, symbols
+
+
+def wrap_index(arrays: dict[str, np.ndarray], layouts: list[IndexLayout], method: str) -> dict[str, np.ndarray]:
+    """Entropy-code the concatenated ``codes.index`` of several micro-batches.
+
+    ``arrays[INDEX]`` is the concatenation of each micro-batch's packed buffer
+    (``layouts[i] = (count, bits, alphabet)``); the result replaces it by the
+    method's arrays and keeps every other array as it is."""
+    _check_method(method)
+    total, bits, symbols = _check_layouts(layouts)
+    buf, codes, start = arrays[INDEX], [], 0
+    for count, _, _ in layouts:
+        size = packed_nbytes(count, bits)
+        codes.append(unpack_bits(buf[start : start + size], bits, count))
+        start += size
+    if start != buf.size:
+        raise ValueError(f"'{INDEX}' has {buf.size} bytes, the layouts need {start}")
+    coded = entropy_encode(np.concatenate(codes) if codes else np.zeros(0, np.int64), symbols, method)
+    out = {k: v for k, v in arrays.items() if k != INDEX}
+    out.update({WRAPPED[method][k]: v for k, v in coded.items()})
+    return out
+
+
+def unwrap_index(arrays: dict[str, np.ndarray], layouts: list[IndexLayout], method: str) -> dict[str, np.ndarray]:
+    """Inverse of :func:`wrap_index`; validates the stream, raising :class:`PayloadError`."""
+    _check_method(method)
+    total, bits, symbols = _check_layouts(layouts)
+    names = WRAPPED[method]
+    if INDEX in arrays:
+        raise PayloadError(f"entropy coding is '{method}' but the payload has a plain '{INDEX}' array")
+    missing = [n for n in names.values() if n not in arrays]
+    if missing:
+        raise PayloadError(f"entropy-coded payload is missing {missing}")
+    codes = entropy_decode({k: arrays[n] for k, n in names.items()}, symbols, total, method)
+    if codes.size and int(codes.max()) >= 1 << bits:
+        raise PayloadError(f"entropy-coded symbol {int(codes.max())} does not fit {bits} bits")
+    parts, start = [], 0
+    for count, _, _ in layouts:
+        parts.append(pack_bits(codes[start : start + count], bits))
+        start += count
+    out = {k: v for k, v in arrays.items() if k not in names.values()}
+    out[INDEX] = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+    return out

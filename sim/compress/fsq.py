@@ -33,7 +33,7 @@ import math
 import torch
 from torch import nn
 
-from .base import ClientCodec, Encoded, Payload, PayloadError, ServerCodec, require_array, straight_through
+from .base import ClientCodec, Encoded, IndexLayout, Payload, PayloadError, ServerCodec, require_array, straight_through
 from .packing import PackError, pack_bits, packed_nbytes, unpack_bits
 from .rdfsq import index_to_value, round_to_grid
 
@@ -70,6 +70,9 @@ class FSQClient(ClientCodec):
         codes = enc.codes.detach().cpu().numpy()
         return Payload(codes={"index": pack_bits(codes, self.bits)}, ideal_bits=codes.size * math.log2(self.levels))
 
+    def index_layout(self, shape: tuple[int, ...]) -> IndexLayout:
+        return int(math.prod(shape)), self.bits, self.levels
+
 
 class FSQServer(ServerCodec):
     """Server half: unpack, ``C = (I - h)/h``, optional learned projection."""
@@ -92,6 +95,12 @@ class FSQServer(ServerCodec):
         except PackError as err:
             raise PayloadError(str(err)) from None
         return index_to_value(torch.from_numpy(index), self.levels).reshape(shape)
+
+    def array_sizes(self, shape: tuple[int, int, int]) -> dict[str, int]:
+        return {"codes.index": packed_nbytes(int(math.prod(shape)), self.bits)}
+
+    def index_layout(self, shape: tuple[int, ...]) -> IndexLayout:
+        return int(math.prod(shape)), self.bits, self.levels
 
     def forward(self, y_hat: torch.Tensor) -> torch.Tensor:
         return self.proj(y_hat)

@@ -51,8 +51,10 @@ class IdentityServer(ServerCodec):
         self._torch, self._np = _wire_dtype(dtype)
 
     def unpack(self, payload: Payload, shape: tuple[int, int, int]) -> torch.Tensor:
-        if shape[-1] != self.dim:
-            raise PayloadError(f"feature dim {shape[-1]} != {self.dim}")
+        if len(shape) != 3 or shape[-1] != self.dim:
+            raise PayloadError(f"expected shape (B, N, {self.dim}), got {tuple(shape)}")
+        if set(payload.codes) != {"values"} or payload.side:
+            raise PayloadError(f"identity payload must be exactly codes ['values'], got {sorted(payload.arrays())}")
         n = int(np.prod(shape))
         a = require_array(payload.codes, "values", self._np, n)
         if self.dtype == "bf16":
@@ -64,6 +66,9 @@ class IdentityServer(ServerCodec):
         if not torch.isfinite(t).all():
             raise PayloadError("payload array 'values' contains NaN or inf")
         return t
+
+    def array_sizes(self, shape: tuple[int, int, int]) -> dict[str, int]:
+        return {"codes.values": int(np.prod(shape))}
 
     def forward(self, y_hat: torch.Tensor) -> torch.Tensor:
         return y_hat

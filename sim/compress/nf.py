@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from scipy.stats import norm
 
-from .base import ClientCodec, Encoded, Payload, PayloadError, ServerCodec, require_array, require_finite, straight_through
+from .base import ClientCodec, Encoded, IndexLayout, Payload, PayloadError, ServerCodec, require_array, require_finite, straight_through
 from .packing import PackError, pack_bits, packed_nbytes, unpack_bits
 
 CODEBOOKS = ("seed", "qlora")
@@ -233,6 +233,9 @@ class NFClient(ClientCodec):
     def payload_nbytes(self, shape: tuple[int, int, int]) -> int:
         return self.nf.payload_nbytes(int(math.prod(shape[:-1])), shape[-1])
 
+    def index_layout(self, shape: tuple[int, ...]) -> IndexLayout:
+        return int(math.prod(shape)), self.nf.bits, 2**self.nf.bits
+
 
 class NFServer(ServerCodec):
     """Server half: validate, ``codebook[idx] * scale (+ min)``; identity forward."""
@@ -248,6 +251,15 @@ class NFServer(ServerCodec):
             raise PayloadError(f"expected shape (B, N, {self.dim}), got {tuple(shape)}")
         idx, side = self.nf.unpack(payload, int(shape[0] * shape[1]), self.dim)
         return self.nf.decode(idx, side).reshape(shape)
+
+    def array_sizes(self, shape: tuple[int, int, int]) -> dict[str, int]:
+        rows = int(math.prod(shape[:-1]))
+        sizes = {"codes.index": packed_nbytes(rows * shape[-1], self.nf.bits)}
+        sizes.update({f"side.{k}": n for k, (_, n) in self.nf.side_spec(rows, shape[-1]).items()})
+        return sizes
+
+    def index_layout(self, shape: tuple[int, ...]) -> IndexLayout:
+        return int(math.prod(shape)), self.nf.bits, 2**self.nf.bits
 
     def forward(self, y_hat: torch.Tensor) -> torch.Tensor:
         return y_hat

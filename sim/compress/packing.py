@@ -31,19 +31,35 @@ def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
     flat = np.ascontiguousarray(codes).reshape(-1)
     if flat.size and (flat.min() < 0 or flat.max() >= (1 << bits)):
         raise PackError(f"codes out of range for {bits} bits: [{flat.min()}, {flat.max()}]")
-    if bits == 8:
-        return flat.astype(np.uint8)
     if bits == 16:
         return flat.astype("<u2").view(np.uint8).copy()
-    if 8 % bits == 0:  # 1, 2, 4 bits: several whole codes per byte
+    if bits > 8:
+        bitplanes = (flat.astype(np.uint16)[:, None] >> np.arange(bits, dtype=np.uint16)) & np.uint16(1)
+        return np.packbits(bitplanes.astype(np.uint8).reshape(-1), bitorder="little")
+    flat = flat.astype(np.uint8, copy=False)  # in range, so exact
+    if bits == 8:
+        return flat.copy() if flat is codes else flat
+    if 8 % bits == 0:  # 1, 2, 4 bits: several whole codes per byte, OR-ed column by column
         per = 8 // bits
-        padded = np.zeros(-(-flat.size // per) * per, dtype=np.uint8)
-        padded[: flat.size] = flat
-        groups = padded.reshape(-1, per)
-        shifts = (np.arange(per, dtype=np.uint8) * bits)
-        return np.bitwise_or.reduce(groups << shifts, axis=1).astype(np.uint8)
-    bitplanes = (flat.astype(np.uint32)[:, None] >> np.arange(bits, dtype=np.uint32)) & 1
-    return np.packbits(bitplanes.astype(np.uint8).reshape(-1), bitorder="little")
+        if flat.size % per:
+            flat = np.concatenate([flat, np.zeros(per - flat.size % per, dtype=np.uint8)])
+        groups = flat.reshape(-1, per)
+        out = groups[:, 0].copy()
+        for j in range(1, per):
+            out |= groups[:, j] << np.uint8(j * bits)
+        return out
+    bitplanes = (flat[:, None] >> np.arange(bits, dtype=np.uint8)) & np.uint8(1)
+    return np.packbits(bitplanes.reshape(-1), bitorder="little")
+
+
+def _unpack_table(bits: int) -> np.ndarray:
+    """``table[byte]`` = the ``8 // bits`` codes packed in ``byte`` (bits in 1, 2, 4)."""
+    per = 8 // bits
+    shifts = np.arange(per, dtype=np.uint8) * bits
+    return (np.arange(256, dtype=np.uint8)[:, None] >> shifts) & np.uint8((1 << bits) - 1)
+
+
+_UNPACK_TABLES = {b: _unpack_table(b) for b in (1, 2, 4)}
 
 
 def unpack_bits(buf: np.ndarray, bits: int, count: int) -> np.ndarray:
@@ -61,9 +77,6 @@ def unpack_bits(buf: np.ndarray, bits: int, count: int) -> np.ndarray:
     if bits == 16:
         return buf.view("<u2").astype(np.int64)
     if 8 % bits == 0:
-        per = 8 // bits
-        shifts = (np.arange(per, dtype=np.uint8) * bits)
-        vals = (buf[:, None] >> shifts) & np.uint8((1 << bits) - 1)
-        return vals.reshape(-1)[:count].astype(np.int64)
+        return _UNPACK_TABLES[bits][buf].reshape(-1)[:count].astype(np.int64)
     bitplanes = np.unpackbits(buf, count=count * bits, bitorder="little").reshape(count, bits)
     return bitplanes.astype(np.int64) @ (np.int64(1) << np.arange(bits, dtype=np.int64))

@@ -12,37 +12,82 @@ Paper 000 (Quantized-TinyLLaVA), section 3.1 and Algorithm 2:
 5. commitment (distortion) loss ``alpha * (1 - cos(h e, sg(z)))`` per token, added
    on the client; gradients pass the rounding straight through.
 
-``stats`` selects the statistics: ``global`` (batch-global scalars, the seed
-code's choice) or ``per-dim`` (one mean/std per feature dimension over the batch's
-tokens). In both the clip range is not transmitted: the server-side projection
-absorbs the scale, so the payload is exactly ``B*N*D*b/8`` bytes.
+Options (run-config keys ``rdfsq-stats``, ``rdfsq-send-range``, ``rdfsq-alpha``):
+
+* ``stats`` — where ``mu`` and ``sigma`` come from:
+
+  - ``global``: batch-global scalars over the micro-batch (the seed code's choice);
+  - ``per-dim`` (default): one mean/std per feature dimension over the micro-batch's
+    tokens;
+  - ``ema``: per-dimension running statistics. The clip uses the buffers ``mean``/
+    ``var``, which change only once per round: every optimiser step's recompute adds
+    its batch statistics to the EMA buffers ``ema_mean``/``ema_var`` (decay
+    ``ema-decay``); the strategy FedAvgs all five buffers and :meth:`RDFSQClient.fold_synced`
+    copies the EMA into ``mean``/``var`` (the same schedule as AlignedVQ's codebook,
+    so an encode and its recompute always clip identically). Before round 1 they are
+    initialised from one client's features (:meth:`RDFSQClient.init_from`).
+
+* ``send_range`` — whether the clip range travels. Off (default, the seed code): the
+  server sees ``C`` in [-1, 1] and its projection absorbs the scale; the payload is
+  exactly ``ceil(B*N*D*b/8)`` bytes. On: the centre ``mu`` and half-width ``3 sigma``
+  go as fp16 side arrays ``side.mu``/``side.half`` (1 value each for ``global``, D
+  otherwise, per micro-batch; the half-width rounded up) and the server rebuilds
+  ``C * half + mu`` in the feature's own units; the client clips with the same fp16
+  values so both ends agree bitwise.
+
+* ``alpha`` — the commitment weight. The seed code uses 0.25; the default here is 0
+  because on the synthetic benchmark alpha = 0.25 lowered accuracy (docs/compressors.md).
+
+Data flow: ``x (B,N,D) -> Linear -> clip/scale (stats) -> round on K-grid -> I (b bits)
+[+ mu, half fp16] -> C [* half + mu] -> Linear``.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import ClientCodec, Encoded, Payload, PayloadError, ServerCodec, require_array, straight_through
+from .base import (
+    ClientCodec, Encoded, IndexLayout, Payload, PayloadError, ServerCodec, require_array, require_finite,
+    straight_through,
+)
 from .packing import PackError, pack_bits, packed_nbytes, unpack_bits
 
-STATS = ("global", "per-dim")
+STATS = ("global", "per-dim", "ema")
+EMA_BUFFERS = ("mean", "var", "ema_mean", "ema_var", "initted")  # relative to the codec
+_MIN_HALF = 1e-6
+
+
+def _check(bits: int, stats: str) -> None:
+    if not 1 <= bits <= 8:
+        raise ValueError(f"rdfsq bits must be in 1..8, got {bits}")
+    if stats not in STATS:
+        raise ValueError(f"rdfsq stats must be one of {STATS}, got {stats!r}")
+
+
+def batch_stats(z: torch.Tensor, stats: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mu, sigma)`` of ``z`` (B,N,D): scalars (``global``) or per dimension (``per-dim``)."""
+    if stats == "global":
+        return z.mean(), z.std()
+    if stats == "per-dim":
+        flat = z.reshape(-1, z.shape[-1])
+        return flat.mean(0), flat.std(0)
+    raise ValueError(f"batch statistics must be 'global' or 'per-dim', got {stats!r}")
+
+
+def scale_into(z: torch.Tensor, mu: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
+    """Clip ``z`` to ``[mu - half, mu + half]`` and map that range linearly onto [-1, 1]."""
+    return (torch.minimum(torch.maximum(z, mu - half), mu + half) - mu) / half
 
 
 def clip_and_scale(z: torch.Tensor, stats: str) -> torch.Tensor:
-    """Clip ``z`` (B,N,D) to mean +- 3 std and scale linearly to [-1, 1]."""
-    if stats == "global":
-        mu, sigma = z.mean(), z.std()
-    elif stats == "per-dim":
-        flat = z.reshape(-1, z.shape[-1])
-        mu, sigma = flat.mean(0), flat.std(0)
-    else:
-        raise ValueError(f"rdfsq stats must be one of {STATS}, got {stats!r}")
-    mu, half = mu.detach(), (3.0 * sigma.detach()).clamp_min(1e-6)
-    return (torch.minimum(torch.maximum(z, mu - half), mu + half) - mu) / half
+    """Clip ``z`` (B,N,D) to mean +- 3 std of the batch and scale linearly to [-1, 1]."""
+    mu, sigma = batch_stats(z, stats)
+    return scale_into(z, mu.detach(), (3.0 * sigma.detach()).clamp_min(_MIN_HALF))
 
 
 def round_to_grid(e: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,50 +107,155 @@ def index_to_value(index: torch.Tensor, levels: int) -> torch.Tensor:
     return (index.to(torch.float32) - h) / h
 
 
+def range_to_fp16(mu: torch.Tensor, half: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clip range as sent: fp16 centre (nearest) and half-width rounded up."""
+    mu16 = mu.detach().float().clamp(-65504, 65504).to(torch.float16)
+    h = half.detach().float().clamp(_MIN_HALF, 65504)
+    h16 = h.to(torch.float16)
+    h16 = torch.where(h16.float() < h, torch.nextafter(h16, torch.full_like(h16, math.inf)), h16)
+    return mu16.reshape(-1), h16.clamp_min(torch.finfo(torch.float16).tiny).reshape(-1)
+
+
 class RDFSQClient(ClientCodec):
-    """Client half: projection, clip/scale, rounding, packing."""
+    """Client half: projection, clip/scale, rounding, packing (see the module docstring)."""
 
-    def __init__(self, dim: int, bits: int, stats: str = "global", alpha: float = 0.25) -> None:
+    def __init__(
+        self, dim: int, bits: int, stats: str = "global", alpha: float = 0.25, send_range: bool = False,
+        decay: float = 0.99,
+    ) -> None:
         super().__init__()
-        if not 1 <= bits <= 8:
-            raise ValueError(f"rdfsq bits must be in 1..8, got {bits}")
-        if stats not in STATS:
-            raise ValueError(f"rdfsq stats must be one of {STATS}, got {stats!r}")
-        self.bits, self.levels, self.stats, self.alpha = bits, 2**bits, stats, alpha
+        _check(bits, stats)
+        self.dim, self.bits, self.levels, self.stats, self.alpha = dim, bits, 2**bits, stats, alpha
+        self.send_range, self.decay = send_range, decay
         self.proj = nn.Linear(dim, dim)
+        if stats == "ema":
+            for name, init in (("mean", 0.0), ("var", 1.0), ("ema_mean", 0.0), ("ema_var", 1.0)):
+                self.register_buffer(name, torch.full((dim,), init))
+            self.register_buffer("initted", torch.tensor(False))
+            self.synced_buffers = EMA_BUFFERS
 
+    # ---- statistics ---------------------------------------------------------------------
+    @property
+    def needs_init(self) -> bool:
+        return self.stats == "ema" and not bool(self.initted)
+
+    @torch.no_grad()
+    def init_from(self, x: torch.Tensor) -> None:
+        """EMA statistics from the projected features of ``x`` (B,N,D); once only."""
+        if not self.needs_init:
+            return
+        mu, sigma = batch_stats(self.proj(x), "per-dim")
+        for name, v in (("mean", mu), ("ema_mean", mu), ("var", sigma**2), ("ema_var", sigma**2)):
+            getattr(self, name).copy_(v)
+        self.initted.fill_(True)
+
+    @staticmethod
+    def fold_synced(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+        """Next round's clip statistics: the (FedAvg'd) EMA buffers."""
+        if prefix + "ema_mean" not in state:
+            return state
+        out = dict(state)
+        out[prefix + "mean"] = state[prefix + "ema_mean"].clone()
+        out[prefix + "var"] = state[prefix + "ema_var"].clone()
+        return out
+
+    def _range(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mu, half)`` of the clip range for projected features ``z``; constants for autograd."""
+        if self.stats != "ema":
+            mu, sigma = batch_stats(z.detach(), self.stats)
+            return mu, (3.0 * sigma).clamp_min(_MIN_HALF)
+        if not bool(self.initted):
+            raise RuntimeError("rdfsq ema statistics are not initialised: call init_from(features) or load a state")
+        if self.training and torch.is_grad_enabled():  # the recompute before an optimiser step
+            with torch.no_grad():
+                m, s = batch_stats(z.detach(), "per-dim")
+                self.ema_mean.mul_(self.decay).add_((1 - self.decay) * m)
+                self.ema_var.mul_(self.decay).add_((1 - self.decay) * s**2)
+        return self.mean.clone(), (3.0 * self.var.clamp_min(0).sqrt()).clamp_min(_MIN_HALF)
+
+    # ---- codec ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> Encoded:  # (B,N,D) -> Encoded
-        e = clip_and_scale(self.proj(x), self.stats)
-        z, index = round_to_grid(e.detach(), self.levels)
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"rdfsq expects feature dim {self.dim}, got {x.shape[-1]}")
+        z = self.proj(x)
+        mu, half = self._range(z)
+        side: dict[str, torch.Tensor] = {}
+        if self.send_range:
+            mu16, half16 = range_to_fp16(mu, half)
+            side = {"mu": mu16, "half": half16}
+            mu, half = mu16.float().reshape(mu.shape), half16.float().reshape(half.shape)
+        e = scale_into(z, mu, half)
+        zq, index = round_to_grid(e.detach(), self.levels)
         h = (self.levels - 1) / 2
-        cos = F.cosine_similarity(h * e, z, dim=-1, eps=1e-8)
-        aux = self.alpha * (1.0 - cos).mean()
-        y = straight_through(index_to_value(index, self.levels), e)
-        return Encoded(y=y, codes=index, aux_loss=aux)
+        if self.alpha:
+            aux = self.alpha * (1.0 - F.cosine_similarity(h * e, zq, dim=-1, eps=1e-8)).mean()
+        else:  # alpha = 0: the commitment term is exactly zero; skip its cost
+            aux = z.new_zeros(())
+        c = index_to_value(index, self.levels)
+        if self.send_range:
+            y = straight_through(c * half + mu, e * half + mu)  # gradient 1 inside the clip range
+        else:
+            y = straight_through(c, e)
+        return Encoded(y=y, codes=index, aux_loss=aux, side=side)
 
     def pack(self, enc: Encoded) -> Payload:
         codes = enc.codes.numpy()
-        return Payload(codes={"index": pack_bits(codes, self.bits)}, ideal_bits=codes.size * math.log2(self.levels))
+        side = {k: v.detach().cpu().numpy().reshape(-1) for k, v in enc.side.items()}
+        return Payload(codes={"index": pack_bits(codes, self.bits)}, side=side, ideal_bits=codes.size * math.log2(self.levels))
+
+    def index_layout(self, shape: tuple[int, ...]) -> IndexLayout:
+        return int(math.prod(shape)), self.bits, self.levels
 
 
 class RDFSQServer(ServerCodec):
-    """Server half: unpack, rebuild the grid values, learned projection."""
+    """Server half: unpack, rebuild the grid values (and the range, if sent), learned projection."""
 
-    def __init__(self, dim: int, bits: int) -> None:
+    def __init__(self, dim: int, bits: int, stats: str = "global", send_range: bool = False) -> None:
         super().__init__()
-        self.dim, self.bits, self.levels = dim, bits, 2**bits
+        _check(bits, stats)
+        self.dim, self.bits, self.levels, self.stats, self.send_range = dim, bits, 2**bits, stats, send_range
         self.proj = nn.Linear(dim, dim)
 
+    def _range_size(self) -> int:
+        return 1 if self.stats == "global" else self.dim
+
+    def array_sizes(self, shape: tuple[int, int, int]) -> dict[str, int]:
+        sizes = {"codes.index": packed_nbytes(int(math.prod(shape)), self.bits)}
+        if self.send_range:
+            sizes.update({"side.mu": self._range_size(), "side.half": self._range_size()})
+        return sizes
+
+    def index_layout(self, shape: tuple[int, ...]) -> IndexLayout:
+        return int(math.prod(shape)), self.bits, self.levels
+
     def unpack(self, payload: Payload, shape: tuple[int, int, int]) -> torch.Tensor:
-        if shape[-1] != self.dim:
-            raise PayloadError(f"feature dim {shape[-1]} != {self.dim}")
+        if len(shape) != 3 or shape[-1] != self.dim:
+            raise PayloadError(f"expected shape (B, N, {self.dim}), got {tuple(shape)}")
+        expected_side = {"mu", "half"} if self.send_range else set()
+        if set(payload.codes) != {"index"} or set(payload.side) != expected_side:
+            raise PayloadError(
+                f"rdfsq payload must hold codes ['index'] and side {sorted(expected_side)}, "
+                f"got codes {sorted(payload.codes)} and side {sorted(payload.side)}"
+            )
         count = int(math.prod(shape))
         buf = require_array(payload.codes, "index", "uint8", packed_nbytes(count, self.bits))
         try:
             index = unpack_bits(buf, self.bits, count)
         except PackError as err:
             raise PayloadError(str(err)) from None
-        return index_to_value(torch.from_numpy(index), self.levels).reshape(shape)
+        c = index_to_value(torch.from_numpy(index), self.levels).reshape(shape)
+        if not self.send_range:
+            return c
+        mu = require_array(payload.side, "mu", np.float16, self._range_size())
+        half = require_array(payload.side, "half", np.float16, self._range_size())
+        require_finite("mu", mu)
+        require_finite("half", half)
+        if (half <= 0).any():
+            raise PayloadError("payload array 'half' has a non-positive clip half-width")
+        shape_r = () if self.stats == "global" else (self.dim,)
+        half_t = torch.from_numpy(half.astype(np.float32)).reshape(shape_r)
+        mu_t = torch.from_numpy(mu.astype(np.float32)).reshape(shape_r)
+        return c * half_t + mu_t
 
     def forward(self, y_hat: torch.Tensor) -> torch.Tensor:
         return self.proj(y_hat)

@@ -210,5 +210,9 @@ class TopKServer(ServerCodec):
         pos, vals16 = unpack_sparse(payload, int(shape[0] * shape[1]), self.dim, self.m)
         return densify(pos, vals16, self.dim).reshape(shape)
 
+    def array_sizes(self, shape: tuple[int, int, int]) -> dict[str, int]:
+        rows = int(math.prod(shape[:-1]))
+        return {"codes.values": rows * self.m, "side.positions": positions_nbytes(rows, shape[-1], self.m)[1], "side.format": 1}
+
     def forward(self, y_hat: torch.Tensor) -> torch.Tensor:
         return y_hat

@@ -53,7 +53,7 @@ from torch import nn
 from vector_quantize_pytorch import VectorQuantize
 from vector_quantize_pytorch.vector_quantize_pytorch import laplace_smoothing
 
-from .base import ClientCodec, Encoded, Payload, PayloadError, ServerCodec, require_array, straight_through
+from .base import ClientCodec, Encoded, IndexLayout, Payload, PayloadError, ServerCodec, require_array, straight_through
 from .packing import PackError, pack_bits, packed_nbytes, unpack_bits
 
 EMBED, EMBED_AVG, CLUSTER_SIZE, INITTED = (f"vq._codebook.{n}" for n in ("embed", "embed_avg", "cluster_size", "initted"))
@@ -169,6 +169,23 @@ class VQClient(ClientCodec):
         codes = enc.codes.detach().cpu().numpy()
         return Payload(codes={"index": pack_bits(codes, self.bits)}, ideal_bits=codes.size * math.log2(self.size))
 
+    # ---- round-synchronised state (see the module docstring) --------------------------
+    synced_buffers = CODEBOOK_BUFFERS
+
+    def index_layout(self, shape: tuple[int, ...]) -> IndexLayout:
+        return int(math.prod(shape[:-1])), self.bits, self.size
+
+    @property
+    def needs_init(self) -> bool:
+        return not self.initialised
+
+    def init_from(self, x: torch.Tensor) -> None:
+        self.init_codebook(x)
+
+    @staticmethod
+    def fold_synced(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+        return fold_ema(state, prefix)
+
 
 class VQServer(ServerCodec):
     """Server half: unpack indices, look up the synced codebook, DLP out."""
@@ -208,6 +225,15 @@ class VQServer(ServerCodec):
         if count and int(index.max()) >= self.size:
             raise PayloadError(f"vq index {int(index.max())} >= codebook size {self.size}")
         return lookup(self.codebook, torch.from_numpy(index)).reshape(shape)
+
+    def array_sizes(self, shape: tuple[int, int, int]) -> dict[str, int]:
+        return {"codes.index": packed_nbytes(int(math.prod(shape[:-1])), self.bits)}
+
+    def index_layout(self, shape: tuple[int, ...]) -> IndexLayout:
+        return int(math.prod(shape[:-1])), self.bits, self.size
+
+    def load_synced(self, state: dict[str, torch.Tensor], prefix: str = "") -> None:
+        self.load_codebook(codebook_from_state(state, prefix))
 
     def forward(self, y_hat: torch.Tensor) -> torch.Tensor:
         """DLP out: ``y_hat + tanh(gamma_out) * Linear_out(y_hat)``."""

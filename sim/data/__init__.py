@@ -1,4 +1,12 @@
-"""Data layer: VQA examples from the synthetic generator or LLaVA JSON, and client shards.
+"""Data layer: VQA examples from the synthetic generator, the scikit-image case studies or
+LLaVA JSON, and client shards.
+
+``dataset`` is one of :data:`DATASETS`: ``synthetic`` (procedural shapes), ``llava-json``
+(a user file), or a privacy case study built offline from images that ship with
+scikit-image (``pathology``, ``retina``, ``faces``; provenance, licences and label
+rules in :mod:`sim.data.casestudy` and docs/privacy.md). Case-study runs load the
+*private* pool of their source images; the disjoint *public* pool is left for the
+attacker's auxiliary data in the feature-inversion study.
 
 :func:`load_examples` returns the whole dataset (cached per arguments in-process,
 since every simulated client in a worker loads the same one); :func:`client_shard`
@@ -12,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .casestudy import CASE_STUDY_DATASETS, CASE_STUDY_VOCABULARIES
 from .llava_json import BAD_RECORD_POLICIES, load_llava_json, write_llava_json
 from .partition import PARTITIONERS, partition_indices, train_test_split
 from .synthetic import ANSWERS, QUESTION_TYPES, generate_synthetic_vqa, synthetic_vocabulary
@@ -19,11 +28,14 @@ from .types import DataError, VQAExample
 
 __all__ = [
     "ANSWERS",
+    "CASE_STUDY_DATASETS",
+    "CASE_STUDY_VOCABULARIES",
     "DATASETS",
     "PARTITIONERS",
     "QUESTION_TYPES",
     "DataError",
     "VQAExample",
+    "bad_record_count",
     "client_shard",
     "generate_synthetic_vqa",
     "load_examples",
@@ -34,20 +46,24 @@ __all__ = [
     "write_llava_json",
 ]
 
-DATASETS = ("synthetic", "llava-json")
+DATASETS = ("synthetic", "llava-json", *CASE_STUDY_DATASETS)
+FEDERATION_POOL = "private"  # case-study runs never touch the public (attacker's) pool
 
 
 @functools.lru_cache(maxsize=4)
 def _load_cached(
     dataset: str, data_path: str, file_stamp: tuple[int, int] | None, image_size: int, num_samples: int, seed: int,
     on_bad_record: str,
-) -> tuple[VQAExample, ...]:
+) -> tuple[tuple[VQAExample, ...], int]:
+    """The examples and how many bad records were skipped."""
     if dataset == "synthetic":
-        return tuple(generate_synthetic_vqa(num_samples, seed, image_size))
-    examples, _ = load_llava_json(data_path, image_size, on_bad_record)
+        return tuple(generate_synthetic_vqa(num_samples, seed, image_size)), 0
+    if dataset in CASE_STUDY_DATASETS:
+        return tuple(CASE_STUDY_DATASETS[dataset](num_samples, seed, image_size, FEDERATION_POOL)), 0
+    examples, skipped = load_llava_json(data_path, image_size, on_bad_record)
     if not examples:
         raise DataError(f"{data_path}: no usable records")
-    return tuple(examples)
+    return tuple(examples), skipped
 
 
 def load_examples(
@@ -57,15 +73,15 @@ def load_examples(
 
     Parameters
     ----------
-    dataset : {"synthetic", "llava-json"}
+    dataset : {"synthetic", "llava-json", "pathology", "retina", "faces"}
     data_path : str
-        LLaVA JSON file (required for ``llava-json``; ignored for ``synthetic``).
+        LLaVA JSON file (required for ``llava-json``; ignored otherwise).
     image_size : int
-        Image side in pixels.
+        Image side in pixels (case studies: 16 to 384).
     num_samples : int
-        Number of synthetic examples (``llava-json`` loads every record).
+        Number of generated examples (``llava-json`` loads every record).
     seed : int
-        Synthetic generator seed.
+        Generator seed.
     on_bad_record : {"error", "skip"}
         Policy for bad LLaVA records.
 
@@ -74,12 +90,18 @@ def load_examples(
     list of VQAExample
         A new list each call (the examples themselves are shared and read-only).
     """
+    return list(_load(dataset, data_path, image_size, num_samples, seed, on_bad_record)[0])
+
+
+def _load(
+    dataset: str, data_path: str, image_size: int, num_samples: int, seed: int, on_bad_record: str
+) -> tuple[tuple[VQAExample, ...], int]:
     if dataset not in DATASETS:
         raise ValueError(f"Config key 'dataset' must be one of {DATASETS}, got {dataset!r}")
     if on_bad_record not in BAD_RECORD_POLICIES:
         raise ValueError(f"Config key 'on-bad-record' must be one of {BAD_RECORD_POLICIES}, got {on_bad_record!r}")
     stamp = None
-    if dataset == "synthetic":
+    if dataset == "synthetic" or dataset in CASE_STUDY_DATASETS:
         data_path = ""
     else:
         if not data_path:
@@ -90,7 +112,14 @@ def load_examples(
         if p.is_file():  # a changed file is a different cache entry
             st = p.stat()
             stamp = (st.st_mtime_ns, st.st_size)
-    return list(_load_cached(dataset, data_path, stamp, int(image_size), int(num_samples), int(seed), on_bad_record))
+    return _load_cached(dataset, data_path, stamp, int(image_size), int(num_samples), int(seed), on_bad_record)
+
+
+def bad_record_count(
+    dataset: str, data_path: str, image_size: int, num_samples: int, seed: int, on_bad_record: str = "error"
+) -> int:
+    """How many records :func:`load_examples` skipped (``on-bad-record=skip``) for these arguments."""
+    return _load(dataset, data_path, image_size, num_samples, seed, on_bad_record)[1]
 
 
 def client_shard(

@@ -106,13 +106,42 @@ Sources and augmentation:
   three channels; about half the resolution of the fundus photograph, so
   vessels come out at similar widths). Rotations and mirroring as above.
 * faces: every block of 200 consecutive examples uses each of the 200 source
-  images once, in a seeded random order; :func:`faces_sources` returns that
+  images once, in a seeded random order (pool ``all``; see "Pools"); :func:`faces_sources` returns that
   assignment (its first ``n`` entries do not depend on ``num_samples``), so a
   caller can split train/test *by source image*, e.g. an attacker's auxiliary
   set disjoint from the victim's images. Augmentation: a square crop of side
   U{21..25} px at a uniform offset, mirroring with p=1/2, then contrast scaled
   about the crop mean by a factor log-uniform in [0.8, 1.25] and brightness
   shifted by U[-0.1, 0.1] of full scale (clipped).
+
+Pools: the federation's data versus public auxiliary data. Every generator takes
+``pool`` in :data:`POOLS`. ``all`` (the default of the functions) draws from the
+whole source images as described above. ``private`` and ``public`` split the
+sources into two disjoint parts, so that an attacker can hold same-domain images
+that no client holds (the feature-inversion study, ``experiments/inversion.py``):
+
+* pathology and retina: the slide (``ihc``, 512 px) and the fundus photograph
+  (``retina()``, 1411 px) are cut into a 4 x 4 grid of cells (128 and 352 px); the
+  four anti-diagonal cells :data:`PUBLIC_CELLS` (a quarter of the area, one cell
+  in every grid row and column, so every part of the tissue is represented) are
+  public. A ``public`` tile lies inside one public cell (cell drawn uniformly,
+  then side and position as above, within the cell); a ``private`` tile is drawn
+  as in ``all`` and redrawn until it shares no pixel with a public cell (about a
+  quarter to a third of the draws are kept). ``microaneurysms()`` is wholly
+  private, so the retina public pool holds fundus tiles only (each draw that would
+  be a microaneurysm tile becomes a fundus tile). The cells cover different
+  tissue: measured answer shares at 32 px differ from the ``all`` pool (e.g.
+  pathology ``stain_level`` low/medium/high is 0.33/0.30/0.37 in ``all``, about
+  0.14/0.49/0.38 in ``public`` and 0.40/0.25/0.34 in ``private``), a realistic
+  domain shift between an attacker's public images and a hospital's own.
+* faces: :data:`PUBLIC_FACE_SOURCES` (images 80-99 and 180-199: 20 faces, 20
+  non-faces) are public, the other 160 private; blocks of consecutive examples
+  then cycle through the pool's sources (blocks of 160 or 40 instead of 200).
+
+The ``dataset=pathology|retina|faces`` run values load the ``private`` pool (see
+``sim/data/__init__.py``). Answer thresholds always come from the ``all`` reference,
+so a statistic gets the same answer in every pool; class shares in the private
+and public pools follow their own content (e.g. the bottom of the slide).
 
 Provenance and licences (quoted from the scikit-image 0.26 docstrings; the
 installed ``skimage/data/README.txt`` only explains ``download_all`` and holds
@@ -195,6 +224,11 @@ FACE_CROP_SIDES = (21, 25)
 FACE_CONTRAST_RANGE = (0.8, 1.25)
 FACE_BRIGHTNESS_SHIFT = 0.1
 
+POOLS = ("all", "private", "public")
+POOL_GRID = 4  # slides are cut into a 4 x 4 grid of cells ...
+PUBLIC_CELLS = ((0, 3), (1, 1), (2, 2), (3, 0))  # ... whose anti-diagonal (row, column) cells are public
+PUBLIC_FACE_SOURCES = tuple(range(80, 100)) + tuple(range(180, 200))  # 20 faces + 20 non-faces
+
 _CHUNK_PIXELS = 1 << 22
 _MAX_ROUNDS = 10_000
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]")
@@ -215,14 +249,16 @@ class _Spec(NamedTuple):
 
     name: str
     questions: tuple[Question, ...]
-    sources: Callable[[np.random.Generator, int], np.ndarray]
-    draw: Callable[[np.random.Generator, np.ndarray], dict[str, np.ndarray]]
+    sources: Callable[[np.random.Generator, int, str], np.ndarray]
+    draw: Callable[[np.random.Generator, np.ndarray, str], dict[str, np.ndarray]]
     render: Callable[[dict[str, np.ndarray], int], np.ndarray]
     statistics: Callable[[np.ndarray, np.ndarray, int], dict[str, np.ndarray]]
 
 
 # ----------------------------------------------------------------------------- helpers
-def _check_args(num_samples: int, seed: int, image_size: int) -> None:
+def _check_args(num_samples: int, seed: int, image_size: int, pool: str = "all") -> None:
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
     for key, value, lo in (("num_samples", num_samples, 0), ("seed", seed, 0)):
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < lo:
             raise ValueError(f"{key} must be an int >= {lo}, got {value!r}")
@@ -280,13 +316,44 @@ def _ihc() -> np.ndarray:
     return img
 
 
-def _pathology_sources(rng: np.random.Generator, n: int) -> np.ndarray:
+def _touches_public(y: np.ndarray, x: np.ndarray, side: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Whether each tile shares a pixel with a public cell of a ``height`` x ``width`` image."""
+    ch, cw = height // POOL_GRID, width // POOL_GRID
+    hit = np.zeros(len(y), dtype=bool)
+    for r, c in PUBLIC_CELLS:
+        hit |= (y < (r + 1) * ch) & (y + side > r * ch) & (x < (c + 1) * cw) & (x + side > c * cw)
+    return hit
+
+
+def _pool_tiles(rng: np.random.Generator, n: int, sides: tuple[int, int], height: int, width: int, pool: str) -> dict:
+    """Square tiles of a pool: anywhere (``all``), inside one public cell, or touching none (``private``)."""
+    if pool == "all":
+        return _square_tiles(rng, n, sides, height, width)
+    if pool == "public":
+        ch, cw = height // POOL_GRID, width // POOL_GRID
+        if sides[1] > min(ch, cw):
+            raise ValueError(f"tiles of side {sides[1]} do not fit the {ch} x {cw} public cells")
+        cell = np.asarray(PUBLIC_CELLS)[rng.integers(0, len(PUBLIC_CELLS), n)].reshape(n, 2)
+        t = _square_tiles(rng, n, sides, ch, cw)
+        return {"side": t["side"], "y": t["y"] + cell[:, 0] * ch, "x": t["x"] + cell[:, 1] * cw}
+    out = {k: np.zeros(n, np.int64) for k in ("side", "y", "x")}
+    todo = np.arange(n)
+    while todo.size:  # rejection: private tiles touch no public cell
+        t = _square_tiles(rng, len(todo), sides, height, width)
+        ok = ~_touches_public(t["y"], t["x"], t["side"], height, width)
+        for k in out:
+            out[k][todo[ok]] = t[k][ok]
+        todo = todo[~ok]
+    return out
+
+
+def _pathology_sources(rng: np.random.Generator, n: int, pool: str) -> np.ndarray:
     return np.zeros(n, dtype=np.int64)
 
 
-def _pathology_draw(rng: np.random.Generator, sources: np.ndarray) -> dict[str, np.ndarray]:
+def _pathology_draw(rng: np.random.Generator, sources: np.ndarray, pool: str) -> dict[str, np.ndarray]:
     n = len(sources)
-    params = _square_tiles(rng, n, PATHOLOGY_TILE_SIDES, *_ihc().shape[:2])
+    params = _pool_tiles(rng, n, PATHOLOGY_TILE_SIDES, *_ihc().shape[:2], pool)
     params["rot"] = rng.integers(0, 4, n)
     params["flip"] = rng.integers(0, 2, n)
     return params
@@ -363,11 +430,12 @@ def fundus_inside_fraction(y: np.ndarray, x: np.ndarray, side: np.ndarray) -> np
     return inside / (side.astype(np.float64) ** 2)
 
 
-def _retina_sources(rng: np.random.Generator, n: int) -> np.ndarray:
-    return (rng.random(n) < MICROANEURYSM_PROBABILITY).astype(np.int64)
+def _retina_sources(rng: np.random.Generator, n: int, pool: str) -> np.ndarray:
+    ma = rng.random(n) < MICROANEURYSM_PROBABILITY
+    return (ma & (pool != "public")).astype(np.int64)  # microaneurysms() is wholly private
 
 
-def _retina_draw(rng: np.random.Generator, sources: np.ndarray) -> dict[str, np.ndarray]:
+def _retina_draw(rng: np.random.Generator, sources: np.ndarray, pool: str) -> dict[str, np.ndarray]:
     n = len(sources)
     fundus, _ = _fundus()
     side, y, x = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64)
@@ -376,7 +444,7 @@ def _retina_draw(rng: np.random.Generator, sources: np.ndarray) -> dict[str, np.
     side[ma], y[ma], x[ma] = t["side"], t["y"], t["x"]
     todo = np.flatnonzero(sources == 0)
     while todo.size:  # rejection: keep tiles inside the fundus disc
-        t = _square_tiles(rng, len(todo), FUNDUS_TILE_SIDES, *fundus.shape[:2])
+        t = _pool_tiles(rng, len(todo), FUNDUS_TILE_SIDES, *fundus.shape[:2], pool)
         ok = fundus_inside_fraction(t["y"], t["x"], t["side"]) >= MIN_INSIDE_FRACTION
         side[todo[ok]], y[todo[ok]], x[todo[ok]] = t["side"][ok], t["y"][ok], t["x"][ok]
         todo = todo[~ok]
@@ -430,12 +498,22 @@ def _lfw() -> np.ndarray:
     return faces
 
 
-def _faces_sources(rng: np.random.Generator, n: int) -> np.ndarray:
-    blocks = [rng.permutation(NUM_FACE_SOURCES) for _ in range(-(-n // NUM_FACE_SOURCES))]
+def face_pool_sources(pool: str) -> np.ndarray:
+    """The ``lfw_subset()`` indices a pool draws from (``public``: :data:`PUBLIC_FACE_SOURCES`)."""
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+    ids = np.arange(NUM_FACE_SOURCES)
+    public = np.isin(ids, PUBLIC_FACE_SOURCES)
+    return {"all": ids, "private": ids[~public], "public": ids[public]}[pool]
+
+
+def _faces_sources(rng: np.random.Generator, n: int, pool: str) -> np.ndarray:
+    ids = face_pool_sources(pool)
+    blocks = [ids[rng.permutation(len(ids))] for _ in range(-(-n // len(ids)))]
     return np.concatenate(blocks)[:n].astype(np.int64) if blocks else np.zeros(0, np.int64)
 
 
-def _faces_draw(rng: np.random.Generator, sources: np.ndarray) -> dict[str, np.ndarray]:
+def _faces_draw(rng: np.random.Generator, sources: np.ndarray, pool: str) -> dict[str, np.ndarray]:
     n = len(sources)
     full = _lfw().shape[1]
     params = _square_tiles(rng, n, FACE_CROP_SIDES, full, full)
@@ -514,8 +592,8 @@ def _measure(spec: _Spec, params: dict[str, np.ndarray], sources: np.ndarray, im
 def _bands(name: str, image_size: int) -> tuple[tuple[tuple[float, float], ...], ...]:
     spec = _SPECS[name]
     src_rng, _, tile_rng = _streams(REFERENCE_SEED)
-    sources = spec.sources(src_rng, REFERENCE_TILES)
-    _, stats = _measure(spec, spec.draw(tile_rng, sources), sources, image_size, keep_images=False)
+    sources = spec.sources(src_rng, REFERENCE_TILES, "all")
+    _, stats = _measure(spec, spec.draw(tile_rng, sources, "all"), sources, image_size, keep_images=False)
     return tuple(q.fixed_bands if q.fixed_bands is not None else _quantile_bands(stats[q.statistic], len(q.answers))
                  for q in spec.questions)
 
@@ -533,13 +611,13 @@ def case_study_thresholds(name: str, image_size: int) -> dict[str, tuple[tuple[f
     return {q.qtype: b for q, b in zip(_SPECS[name].questions, _bands(name, int(image_size)))}
 
 
-def _generate(name: str, num_samples: int, seed: int, image_size: int) -> list[VQAExample]:
-    _check_args(num_samples, seed, image_size)
+def _generate(name: str, num_samples: int, seed: int, image_size: int, pool: str) -> list[VQAExample]:
+    _check_args(num_samples, seed, image_size, pool)
     spec = _SPECS[name]
     n, size = int(num_samples), int(image_size)
     bands = _bands(name, size)
     src_rng, q_rng, tile_rng = _streams(seed)
-    sources = spec.sources(src_rng, n)
+    sources = spec.sources(src_rng, n, pool)
     kinds = q_rng.integers(0, len(spec.questions), n)
     images = np.empty((n, size, size, 3), dtype=np.uint8)
     answers = np.full(n, -1, dtype=np.int64)
@@ -549,7 +627,8 @@ def _generate(name: str, num_samples: int, seed: int, image_size: int) -> list[V
         if rounds == _MAX_ROUNDS:
             raise RuntimeError(f"{name}: {pending.size} examples still ambiguous after {_MAX_ROUNDS} rounds")
         rounds += 1
-        imgs, stats = _measure(spec, spec.draw(tile_rng, sources[pending]), sources[pending], size, keep_images=True)
+        imgs, stats = _measure(spec, spec.draw(tile_rng, sources[pending], pool), sources[pending], size,
+                               keep_images=True)
         cls = np.full(len(pending), -1, dtype=np.int64)
         for qi, q in enumerate(spec.questions):
             sel = kinds[pending] == qi
@@ -564,7 +643,7 @@ def _generate(name: str, num_samples: int, seed: int, image_size: int) -> list[V
 
 
 # ----------------------------------------------------------------------------- public API
-def generate_pathology_vqa(num_samples: int, seed: int, image_size: int = 32) -> list[VQAExample]:
+def generate_pathology_vqa(num_samples: int, seed: int, image_size: int = 32, pool: str = "all") -> list[VQAExample]:
     """IHC pathology tiles (``immunohistochemistry()``) with stain and nuclei questions.
 
     Parameters
@@ -575,32 +654,35 @@ def generate_pathology_vqa(num_samples: int, seed: int, image_size: int = 32) ->
         Non-negative seed; same arguments give bitwise-identical output.
     image_size : int
         Image side in pixels, in [16, 384].
+    pool : {"all", "private", "public"}
+        Which part of the source images to draw from (see "Pools" in the module
+        docstring); ``dataset=pathology`` runs use ``private``.
     """
-    return _generate("pathology", num_samples, seed, image_size)
+    return _generate("pathology", num_samples, seed, image_size, pool)
 
 
-def generate_retina_vqa(num_samples: int, seed: int, image_size: int = 32) -> list[VQAExample]:
+def generate_retina_vqa(num_samples: int, seed: int, image_size: int = 32, pool: str = "all") -> list[VQAExample]:
     """Fundus tiles (``retina()``, ``microaneurysms()``) with vessel and brightness questions (args as above)."""
-    return _generate("retina", num_samples, seed, image_size)
+    return _generate("retina", num_samples, seed, image_size, pool)
 
 
-def generate_faces_vqa(num_samples: int, seed: int, image_size: int = 32) -> list[VQAExample]:
+def generate_faces_vqa(num_samples: int, seed: int, image_size: int = 32, pool: str = "all") -> list[VQAExample]:
     """Augmented ``lfw_subset()`` crops with face, brightness and contrast questions (args as above).
 
-    Example ``i`` shows source image ``faces_sources(num_samples, seed)[i]``.
+    Example ``i`` shows source image ``faces_sources(num_samples, seed, pool)[i]``.
     """
-    return _generate("faces", num_samples, seed, image_size)
+    return _generate("faces", num_samples, seed, image_size, pool)
 
 
-def faces_sources(num_samples: int, seed: int) -> np.ndarray:
+def faces_sources(num_samples: int, seed: int, pool: str = "all") -> np.ndarray:
     """Source index in ``lfw_subset()`` (0-99 faces, 100-199 non-faces) of each example of the faces set.
 
     Independent of ``image_size``, and a prefix of the same call with a larger
     ``num_samples``. Split by source, e.g.
     ``victim = np.isin(faces_sources(n, seed), victim_image_ids)``.
     """
-    _check_args(num_samples, seed, MIN_IMAGE_SIZE)
-    return _faces_sources(_streams(seed)[0], int(num_samples))
+    _check_args(num_samples, seed, MIN_IMAGE_SIZE, pool)
+    return _faces_sources(_streams(seed)[0], int(num_samples), pool)
 
 
 CASE_STUDY_DATASETS: dict[str, Callable[[int, int, int], list[VQAExample]]] = {

@@ -1,0 +1,207 @@
+"""``python -m experiments.bench [--quick] [--only P1,P5] [--repeats N] [--out DIR]``
+
+Regenerates the performance figures of the project (issue "Performance"):
+
+====  ==========================================================  ===========
+P1    simulation ÷ in-process reference throughput (default cfg)  ≥ 0.90
+      + the curve over steps-per-exchange × clients
+P2    Flower-serialised bytes ÷ information payload               ≤ 1.02 (≥ 16 KB)
+P4    entropy-coded bytes ÷ empirical entropy bound (2-bit RD-FSQ) ≤ 1.05
+P5    10 / 100 / 1000 SuperNodes, a fixed number sampled per round peak RSS < 4 GB
+      + the curve over sampled clients per round
+P6    encode+pack and unpack+decode MB/s ÷ ``FSQ`` forward MB/s    ≥ 5
+====  ==========================================================  ===========
+
+It writes ``bench.csv`` (every measurement) and ``bench.md`` (machine, the median of
+each figure over the repeats, its target and whether it is met, plus the profile of
+one exchange) into ``--out`` (default ``experiments/results``). ``--quick`` runs a
+small version of everything (for CI); it asserts nothing about speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from . import bench_codecs, bench_sim
+from .bench_profile import profile_exchange
+
+TARGETS = {  # figure -> (comparison, target, what the headline value is)
+    "P1": (">=", 0.90, "median sim/reference throughput at the default config"),
+    "P2": ("<=", 1.02, "largest wire/payload ratio over uplink messages with payload >= 16 KB"),
+    "P4": ("<=", 1.05, "ANS-coded bytes / empirical entropy bound, trained 2-bit RD-FSQ codes"),
+    "P5": ("<", 4.0, "peak RSS (GB, whole process tree) of the run with the most SuperNodes"),
+    "P6": (">=", 5.0, "slowest codec direction, MB/s relative to vector_quantize_pytorch.FSQ forward"),
+}
+
+
+def plan(quick: bool) -> dict:
+    """Sizes of every measurement; ``quick`` shrinks them to a CI smoke run."""
+    tiny = {"hidden-size": 32, "image-size": 16, "patch-size": 4, "num-samples": 400, "vision-layers": 1,
+            "llm-layers": 1, "warmup-steps": 2}
+    if quick:
+        return {
+            "p1_default": {**tiny, "num-server-rounds": 1, "local-steps": 8, "steps-per-exchange": 4},
+            "p1_default_clients": 2, "repeats": 1,
+            "p1_curve": {"steps": [1, 4], "clients": [2], "config": {**tiny, "num-server-rounds": 1, "local-steps": 4}},
+            "p5": {"config": {**tiny, "num-server-rounds": 2, "local-steps": 4, "steps-per-exchange": 4},
+                   "totals": [(10, 2)], "sampled_curve": []},
+            "p6_shape": (8, 16, 32), "p4_steps": 10, "p2_samples": (1, 8, 32),
+        }
+    return {
+        "p1_default": {"num-server-rounds": 1},  # the default config, one round of 200 steps
+        "p1_default_clients": 4, "repeats": 3,
+        "p1_curve": {"steps": [1, 2, 4, 8, 16], "clients": [1, 4, 16],
+                     "config": {"num-server-rounds": 1, "local-steps": 16}},
+        "p5": {"config": {"num-server-rounds": 3, "local-steps": 20, "steps-per-exchange": 10, "num-samples": 20000},
+               "totals": [(10, 4), (100, 4), (1000, 4)], "sampled_curve": [(1000, 2), (1000, 8), (1000, 32)]},
+        "p6_shape": (64, 64, 128), "p4_steps": 200, "p2_samples": (1, 8, 16, 32, 160),
+    }
+
+
+def machine_info() -> dict:
+    import flwr
+    import torch
+
+    return {
+        "python": platform.python_version(), "platform": platform.platform(), "processor": platform.processor() or "?",
+        "cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "flwr": flwr.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+
+
+def run(args: argparse.Namespace) -> pd.DataFrame:
+    p = plan(args.quick)
+    repeats = args.repeats or p["repeats"]
+    only = set(args.only.split(",")) if args.only else set(TARGETS) | {"profile"}
+    rows: list[dict] = []
+    if "P6" in only:
+        for r in range(repeats):
+            rows += [{**x, "repeat": r} for x in bench_codecs.p6_codec_speed(shape=p["p6_shape"])]
+    if "P2" in only:
+        rows += bench_codecs.p2_wire_efficiency(p["p2_samples"])
+    if "P4" in only:
+        codes = bench_codecs.trained_rdfsq_codes(bits=2, steps=p["p4_steps"])
+        samples = 8 * 8  # trained_rdfsq_codes: 8 micro-batches of the default batch size 8
+        for r in range(repeats):
+            rows += [{**x, "repeat": r} for x in bench_codecs.p4_entropy_coding(codes, 2, samples)]
+    if "P1" in only:
+        rows += bench_sim.p1_protocol_efficiency(p["p1_default"], p["p1_default_clients"], repeats, "default config")
+        curve = p["p1_curve"]
+        for clients in curve["clients"]:
+            for spe in curve["steps"]:
+                cfg = {**curve["config"], "steps-per-exchange": spe}
+                rows += [{**x, "figure": "P1-curve"} for x in
+                         bench_sim.p1_protocol_efficiency(cfg, clients, 1, f"{clients} clients, spe {spe}")]
+    if "P5" in only:
+        p5 = p["p5"]
+        for total, sampled in p5["totals"]:
+            rows.append(bench_sim.p5_scale(p5["config"], total, sampled, f"{total} SuperNodes, {sampled} sampled"))
+        for total, sampled in p5["sampled_curve"]:
+            rows.append({**bench_sim.p5_scale(p5["config"], total, sampled, f"{total} SuperNodes, {sampled} sampled"),
+                         "figure": "P5-curve"})
+    if "profile" in only:
+        rows += profile_exchange(p["p1_default"], p["p1_default_clients"], top=12)
+    return pd.DataFrame(rows)
+
+
+def headline(df: pd.DataFrame, fig: str) -> float | None:
+    sub = df[df["figure"] == fig]
+    if sub.empty:
+        return None
+    if fig == "P1":
+        return float(sub["value"].median())
+    if fig == "P2":
+        big = sub[sub["payload_bytes"] >= 16 * 1024]
+        return float(big["value"].max()) if len(big) else None
+    if fig == "P4":
+        return float(sub[sub["setting"].str.endswith("ans")]["value"].median())
+    if fig == "P5":
+        return float(sub.loc[sub["clients"].idxmax(), "value"])
+    if fig == "P6":
+        per = sub[sub["unit"] == "× FSQ"].groupby("setting")["value"].median()
+        return float(per.min())
+    raise KeyError(fig)
+
+
+def met(fig: str, value: float | None) -> str:
+    if value is None:
+        return "not run"
+    op, target, _ = TARGETS[fig]
+    ok = {">=": value >= target, "<=": value <= target, "<": value < target}[op]
+    return "met" if ok else "**missed**"
+
+
+def _table(df: pd.DataFrame, columns: list[str]) -> str:
+    cols = [c for c in columns if c in df.columns]
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in df[cols].iterrows():
+        out.append("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")
+    return "\n".join(out)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        if v != v:
+            return ""
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:,.0f}"
+    return str(v)
+
+
+def write_report(df: pd.DataFrame, out: Path, info: dict, command: str, wall_s: float) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out / "bench.csv", index=False)
+    lines = [
+        "# Benchmarks (P1–P6)", "",
+        f"Command: `{command}` ({wall_s / 60:.1f} min). Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()) + ".",
+        "Every row of `bench.csv` is one measurement; the figures below are medians over the repeats.", "",
+        "| figure | headline | value | target | status |", "|---|---|---|---|---|",
+    ]
+    for fig, (op, target, what) in TARGETS.items():
+        v = headline(df, fig)
+        lines.append(f"| {fig} | {what} | {_fmt(v) if v is not None else '–'} | {op} {target} | {met(fig, v)} |")
+    sections = {
+        "P1": ("P1 protocol efficiency (default config)", ["setting", "repeat", "value", "sim_samples_per_s",
+               "ref_samples_per_s", "runtime_s_per_exchange"]),
+        "P1-curve": ("P1 over steps-per-exchange × clients", ["setting", "clients", "steps_per_exchange", "value",
+                     "sim_samples_per_s", "ref_samples_per_s", "runtime_s_per_exchange"]),
+        "P2": ("P2 wire efficiency (real uplink train replies)", ["setting", "payload_bytes", "wire_bytes", "value"]),
+        "P4": ("P4 entropy coding", ["setting", "repeat", "value", "coded_bytes", "bound_bytes", "fixed_bytes",
+               "encode_us_per_sample", "decode_us_per_sample"]),
+        "P5": ("P5 scale", ["setting", "clients", "sampled", "value", "round_wall_s", "round_train_s",
+               "runtime_s_per_exchange", "uplink_bytes_per_round", "wall_s"]),
+        "P5-curve": ("P5 sampled clients per round", ["setting", "clients", "sampled", "value", "round_wall_s",
+                     "round_train_s", "runtime_s_per_exchange", "uplink_bytes_per_round"]),
+        "P6": ("P6 codec speed", ["setting", "repeat", "value", "unit", "mb_per_s", "fsq_mb_per_s"]),
+        "profile": ("Profile of one training round (py-spy, all processes)", ["setting", "value", "unit"]),
+    }
+    for fig, (title, cols) in sections.items():
+        sub = df[df["figure"] == fig]
+        if len(sub):
+            lines += ["", f"## {title}", "", _table(sub, cols)]
+    (out / "bench.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small smoke version (CI); asserts nothing about speed")
+    ap.add_argument("--only", help="comma-separated subset of P1,P2,P4,P5,P6,profile")
+    ap.add_argument("--repeats", type=int, default=0, help="repeats per figure (default 3, quick 1)")
+    ap.add_argument("--out", default="experiments/results", help="directory for bench.csv and bench.md")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    df = run(args)
+    cmd = "python -m experiments.bench" + (" --quick" if args.quick else "") + (f" --only {args.only}" if args.only else "")
+    write_report(df, Path(args.out), machine_info(), cmd, time.perf_counter() - t0)
+    print((Path(args.out) / "bench.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,71 @@
+"""Profile a short split-learning run with py-spy and report where the time goes.
+
+``py-spy record --subprocesses --format raw`` samples the driver (ServerApp: LLM steps,
+serialisation, Flower's engine) and the Ray workers (ClientApps) of one
+``python -m sim run``. The collapsed stacks are reduced to the share of samples whose
+innermost *project* or *library* frame is each function (self time, idle waits
+excluded), so the table names the concrete costs of an exchange.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+IDLE = re.compile(r"\b(wait|_wait_for_tstate_lock|select|poll|epoll_wait|sleep|acquire|get_objects|_recv|recv)\b")
+FRAME = re.compile(r"^(?P<fn>[^ ]+) \((?P<file>[^:]+):?\d*\)$")
+
+
+def _label(frame: str) -> tuple[str, str]:
+    m = FRAME.match(frame.strip())
+    if not m:
+        return frame.strip(), ""
+    path = m["file"]
+    for marker in ("site-packages/", "/work/main/", "python3.11/"):
+        if marker in path:
+            path = path.split(marker, 1)[1]
+    return m["fn"], path
+
+
+def top_costs(collapsed: str, top: int) -> list[dict]:
+    """Busy samples by innermost frame ``function (module)``, as shares of all busy samples."""
+    busy: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in collapsed.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        fn, path = _label(frames[-1])
+        if IDLE.search(fn) or fn.startswith("process "):  # idle waits; py-spy's process-only frames
+            continue
+        n = int(count)
+        total += n
+        busy[f"{fn} ({path})"] += n
+    return [
+        {"figure": "profile", "setting": name, "value": 100.0 * n / total, "unit": "% of busy samples"}
+        for name, n in busy.most_common(top)
+    ] if total else []
+
+
+def profile_exchange(config: dict, clients: int, top: int = 12, rate: int = 100) -> list[dict]:
+    """Run ``python -m sim run`` under py-spy; the top self-time functions (busy samples)."""
+    if shutil.which("py-spy") is None:
+        return [{"figure": "profile", "setting": "py-spy is not installed (pip install py-spy)", "value": float("nan"),
+                 "unit": ""}]
+    with tempfile.TemporaryDirectory(prefix="bench-prof-") as tmp:
+        out = Path(tmp) / "stacks.txt"
+        overrides = [x for k, v in config.items() for x in ("-c", f"{k}={v}")]
+        cmd = ["py-spy", "record", "--subprocesses", "--format", "raw", "--rate", str(rate), "-o", str(out), "--",
+               sys.executable, "-m", "sim", "run", "--clients", str(clients), "--out", str(Path(tmp) / "run"),
+               *overrides]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0 or not out.exists():
+            return [{"figure": "profile", "setting": f"py-spy failed: {res.stderr.strip()[-200:]}",
+                     "value": float("nan"), "unit": ""}]
+        return top_costs(out.read_text(), top)

@@ -1,0 +1,152 @@
+"""Benchmarks that run the split-learning system: P1 (protocol efficiency) and P5 (scale).
+
+Every simulation is a real ``python -m sim run`` in a subprocess (Flower's simulation
+engine on Ray), so the measurement includes everything a user's run pays; a sampler
+thread records the peak RSS summed over the whole process tree (driver, raylet, Ray
+workers). The numbers come from the run directory the command writes:
+
+* ``metrics.csv`` ``train_s`` per round (exchanges + server steps + FedAvg, no
+  evaluation), split into ``runtime_s`` (Flower's messaging cost: each exchange's wait
+  minus the slowest client's own handler time) and ``client_compute_s``;
+* ``summary.json``: samples and bytes.
+
+P1 divides the simulation's training throughput (samples/s) by that of the in-process
+reference trainer (:func:`sim.reference.run_reference`, the same step functions, no
+Flower) on the same config. The reference runs in a subprocess too, so both sides get
+a fresh interpreter and the same torch thread defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import psutil
+
+REFERENCE_SNIPPET = """
+import json, sys
+from sim.config import SplitConfig
+from sim.reference import run_reference
+cfg = SplitConfig.from_run_config(json.loads(sys.argv[1]))
+res = run_reference(cfg, int(sys.argv[2]), evaluate_rounds=False)
+print(json.dumps({"samples": res.samples, "train_s": res.train_s}))
+"""
+
+
+class PeakRSS:
+    """Samples the summed RSS of a process and all its descendants every ``interval`` s."""
+
+    def __init__(self, pid: int, interval: float = 0.25) -> None:
+        self.proc = psutil.Process(pid)
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            total = 0
+            try:
+                procs = [self.proc, *self.proc.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                return
+            for p in procs:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _overrides(config: dict) -> list[str]:
+    out = []
+    for k, v in config.items():
+        out += ["-c", f"{k}={v}"]
+    return out
+
+
+def run_simulation(config: dict, clients: int, workdir: Path, timeout: float = 1800) -> dict:
+    """One ``python -m sim run``; returns its training throughput, timings and peak RSS."""
+    out = workdir / f"sim-{len(list(workdir.iterdir()))}"
+    cmd = [sys.executable, "-m", "sim", "run", "--clients", str(clients), "--out", str(out), *_overrides(config)]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with PeakRSS(proc.pid) as rss:
+        _, err = proc.communicate(timeout=timeout)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0 or not (out / "summary.json").exists():
+        raise RuntimeError(f"simulation failed ({' '.join(cmd)}):\n{err[-3000:]}")
+    metrics = pd.read_csv(out / "metrics.csv")
+    summary = json.loads((out / "summary.json").read_text())
+    train_s = float(metrics["train_s"].sum())
+    return {
+        "samples": int(metrics["samples"].sum()),
+        "train_s": train_s,
+        "samples_per_s": float(metrics["samples"].sum()) / train_s,
+        "runtime_s": float(metrics["runtime_s"].sum()),
+        "client_compute_s": float(metrics["client_compute_s"].sum()),
+        "exchanges": int(metrics["exchanges"].sum()),
+        "round_wall_s": float(metrics["wall_s"].median()),
+        "round_train_s": float(metrics["train_s"].median()),
+        "uplink_bytes_per_round": float(metrics["uplink_bytes"].median()),
+        "wall_s": wall,
+        "peak_rss_gb": rss.peak / 1e9,
+        "uplink_bytes": summary["uplink_bytes"],
+    }
+
+
+def run_reference(config: dict, clients: int, timeout: float = 1800) -> dict:
+    """The in-process reference trainer on the same config, in a fresh interpreter."""
+    cmd = [sys.executable, "-c", REFERENCE_SNIPPET, json.dumps(config), str(clients)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if res.returncode != 0:
+        raise RuntimeError(f"reference run failed:\n{res.stderr[-3000:]}")
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out["samples_per_s"] = out["samples"] / out["train_s"]
+    return out
+
+
+def p1_protocol_efficiency(base: dict, clients: int, repeats: int, label: str) -> list[dict]:
+    """Simulation ÷ reference throughput for one config, ``repeats`` times each."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-p1-") as tmp:
+        for r in range(repeats):
+            sim = run_simulation(base, clients, Path(tmp))
+            ref = run_reference(base, clients)
+            rows.append({
+                "figure": "P1", "setting": label, "repeat": r, "value": sim["samples_per_s"] / ref["samples_per_s"],
+                "unit": "sim/reference", "sim_samples_per_s": sim["samples_per_s"],
+                "ref_samples_per_s": ref["samples_per_s"], "runtime_s_per_exchange": sim["runtime_s"] / sim["exchanges"],
+                "clients": clients, "steps_per_exchange": base.get("steps-per-exchange"),
+            })
+    return rows
+
+
+def p5_scale(base: dict, total_clients: int, sampled: int, label: str) -> dict:
+    """One run with ``total_clients`` SuperNodes of which ``sampled`` train and evaluate per round."""
+    frac = sampled / total_clients
+    config = {**base, "fraction-train": frac, "fraction-evaluate": frac}
+    with tempfile.TemporaryDirectory(prefix="bench-p5-") as tmp:
+        sim = run_simulation(config, total_clients, Path(tmp))
+    return {
+        "figure": "P5", "setting": label, "value": sim["peak_rss_gb"], "unit": "peak RSS GB",
+        "clients": total_clients, "sampled": sampled, "round_wall_s": sim["round_wall_s"],
+        "round_train_s": sim["round_train_s"], "runtime_s_per_exchange": sim["runtime_s"] / sim["exchanges"],
+        "client_compute_s": sim["client_compute_s"], "uplink_bytes_per_round": sim["uplink_bytes_per_round"],
+        "wall_s": sim["wall_s"],
+    }

@@ -1,0 +1,50 @@
+"""The benchmark driver runs and reports (it asserts nothing about speed)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from experiments import bench
+from experiments.bench_profile import top_costs
+
+
+def test_codec_figures_run_and_report(tmp_path):
+    assert bench.main(["--quick", "--only", "P2,P4,P6", "--out", str(tmp_path)]) == 0
+    df = pd.read_csv(tmp_path / "bench.csv")
+    assert set(df["figure"]) == {"P2", "P4", "P6"}
+    # P2: the serialised message is never smaller than its information payload
+    p2 = df[df["figure"] == "P2"]
+    assert (p2["wire_bytes"] > p2["payload_bytes"]).all()
+    # P4: ANS cannot beat the i.i.d. entropy bound of the message's own histogram
+    ans = df[df["setting"].str.endswith(" ans")]
+    assert (ans["coded_bytes"] >= ans["bound_bytes"] - 1).all()
+    md = (tmp_path / "bench.md").read_text()
+    for fig in ("P1", "P2", "P4", "P5", "P6"):
+        assert f"| {fig} |" in md
+    assert "not run" in md  # P1 and P5 were not selected
+
+
+def test_profile_reduction_skips_idle_frames_and_ranks_busy_ones():
+    collapsed = "\n".join([
+        "process 1:python;main (a.py:1);step (sim/x.py:3) 30",
+        "process 1:python;main (a.py:1);wait (threading.py:9) 500",
+        "process 1:python;main (a.py:1);pack (sim/y.py:4) 10",
+    ])
+    rows = top_costs(collapsed, top=5)
+    assert [r["setting"].split(" ")[0] for r in rows] == ["step", "pack"]
+    assert rows[0]["value"] == pytest.approx(75.0)
+
+
+def test_targets_are_judged_in_the_right_direction():
+    assert bench.met("P1", 0.95) == "met" and bench.met("P1", 0.5) != "met"
+    assert bench.met("P2", 1.01) == "met" and bench.met("P2", 1.05) != "met"
+    assert bench.met("P5", 3.9) == "met" and bench.met("P5", 4.0) != "met"
+    assert bench.met("P6", None) == "not run"
+
+
+@pytest.mark.slow
+def test_quick_benchmark_runs_everything(tmp_path):
+    assert bench.main(["--quick", "--out", str(tmp_path)]) == 0
+    df = pd.read_csv(tmp_path / "bench.csv")
+    assert {"P1", "P1-curve", "P2", "P4", "P5", "P6"} <= set(df["figure"])
