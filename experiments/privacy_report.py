@@ -1,0 +1,253 @@
+"""The privacy report: tables, plots and the example grid, built only from the study's files.
+
+Inputs: ``privacy.csv`` (one row per victim configuration x threat model, written by
+:mod:`experiments.inversion`), ``privacy_config.json`` (the budget) and the example
+reconstructions (``<victim>.npz``: ``truth`` and one array per threat model, uint8).
+Outputs in the results folder: ``privacy.md``, ``privacy_summary.csv`` (mean and std
+over seeds), ``privacy_psnr_vs_bits.png``, ``privacy_utility.png``,
+``privacy_psnr_vs_bytes.png`` and ``privacy_examples_pathology.png``. The faces grid
+goes next to the examples (kept out of the repository: the faces are real people).
+
+Error bars and "±": the standard deviation over seeds of the per-seed means when a
+configuration has 2 or more seeds; with a single seed, the standard error over the
+victim's held-out images (``std / sqrt(n)``), marked as such.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+METHOD_ORDER = ("identity", "rdfsq", "fsq", "nf", "topk", "vq")
+LABELS = {"identity": "identity fp16", "rdfsq": "RD-FSQ", "fsq": "FSQ", "nf": "NF (blockwise)", "topk": "top-k",
+          "vq": "AlignedVQ"}
+COLORS = {"identity": "tab:blue", "rdfsq": "tab:orange", "fsq": "tab:green", "nf": "tab:purple",
+          "topk": "tab:brown", "vq": "tab:cyan"}
+GRID_ROWS = (("identity", 16), ("rdfsq", 1), ("rdfsq", 2), ("rdfsq", 3), ("vq", 8))
+
+
+# ----------------------------------------------------------------------------- summaries
+def summarise(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (dataset, method, bits, sigma, text mode, threat): means and spreads over seeds."""
+    rows = []
+    keys = ["dataset", "method", "bits", "sigma", "text_mode", "threat"]
+    for (d, m, b, s, tm, t), g in df.groupby(keys, sort=False):
+        n = len(g)
+        row = {"dataset": d, "method": m, "bits": int(b), "sigma": float(s), "text_mode": tm, "threat": t, "seeds": n,
+               "bytes_per_image": float(g.feature_bytes_per_image.mean())}
+        for col, std_col in (("psnr", "psnr_std"), ("ssim", "ssim_std"), ("acc", None)):
+            row[col] = float(g[col].mean())
+            if n >= 2:
+                row[f"{col}_err"], row[f"{col}_err_kind"] = float(g[col].std(ddof=1)), "seeds"
+            elif std_col is not None:
+                row[f"{col}_err"] = float(g[std_col].iloc[0] / math.sqrt(g.n_images.iloc[0]))
+                row[f"{col}_err_kind"] = "images"
+            else:
+                row[f"{col}_err"], row[f"{col}_err_kind"] = math.nan, ""
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _pm(mean: float, err: float, digits: int, scale: float = 1.0, kind: str = "") -> str:
+    if mean != mean:
+        return "–"
+    if err != err:
+        return f"{mean * scale:.{digits}f}"
+    mark = "†" if kind == "images" else ""
+    return f"{mean * scale:.{digits}f} ± {err * scale:.{digits}f}{mark}"
+
+
+def _method_label(m: str, b: int) -> str:
+    return LABELS.get(m, m) if m == "identity" else f"{LABELS.get(m, m)} b={b}"
+
+
+def _order(s: pd.DataFrame) -> pd.DataFrame:
+    key = s.method.map({m: i for i, m in enumerate(METHOD_ORDER)}).fillna(99)
+    return s.assign(_k=key).sort_values(["_k", "bits", "sigma"]).drop(columns="_k")
+
+
+# ----------------------------------------------------------------------------- tables
+def attack_table(s: pd.DataFrame, dataset: str, sigma: float = 0.0, methods: tuple[str, ...] | None = None,
+                 max_bits: int | None = None) -> str:
+    """Markdown: one row per method/bits with bytes, task accuracy and each threat's PSNR/SSIM."""
+    sub = s[(s.dataset == dataset) & (s.sigma == sigma)]
+    if methods is not None:
+        sub = sub[sub.method.isin(methods)]
+    if max_bits is not None:
+        sub = sub[(sub.bits <= max_bits) | (sub.method == "identity") | (sub.method == "vq")]
+    lines = ["| method | feature bytes / image | seeds | task accuracy (%) | white-box PSNR (dB) | white-box SSIM "
+             "| black-box PSNR (dB) | black-box SSIM |", "|---|---|---|---|---|---|---|---|"]
+    base = sub[sub.threat == "mean-image"]
+    for (m, b), g in _order(sub[sub.threat == "white-box"]).groupby(["method", "bits"], sort=False):
+        wb = g.iloc[0]
+        bb = sub[(sub.method == m) & (sub.bits == b) & (sub.threat == "black-box")]
+        bb = bb.iloc[0] if len(bb) else None
+        lines.append(
+            f"| {_method_label(m, b)} | {wb.bytes_per_image:,.0f} | {wb.seeds} "
+            f"| {_pm(wb.acc, wb.acc_err, 1, 100)} | {_pm(wb.psnr, wb.psnr_err, 2, kind=wb.psnr_err_kind)} "
+            f"| {_pm(wb.ssim, wb.ssim_err, 3, kind=wb.ssim_err_kind)} "
+            f"| {_pm(bb.psnr, bb.psnr_err, 2, kind=bb.psnr_err_kind) if bb is not None else '–'} "
+            f"| {_pm(bb.ssim, bb.ssim_err, 3, kind=bb.ssim_err_kind) if bb is not None else '–'} |")
+    if len(base):
+        lines.append(f"| *mean public image (no information)* | 0 | – | – | {base.psnr.mean():.2f} "
+                     f"| {base.ssim.mean():.3f} | {base.psnr.mean():.2f} | {base.ssim.mean():.3f} |")
+    return "\n".join(lines)
+
+
+def noise_table(s: pd.DataFrame, dataset: str) -> str:
+    sub = s[(s.dataset == dataset) & (s.threat == "white-box")]
+    noisy = sub[sub.sigma > 0]
+    if noisy.empty:
+        return "_(no feature-noise runs)_"
+    keep = {(m, b) for m, b in zip(noisy.method, noisy.bits)}
+    sub = _order(sub[[(m, b) in keep for m, b in zip(sub.method, sub.bits)]])
+    lines = ["| method | σ | seeds | task accuracy (%) | white-box PSNR (dB) | white-box SSIM |", "|---|---|---|---|---|---|"]
+    for _, r in sub.iterrows():
+        lines.append(f"| {_method_label(r.method, r.bits)} | {r.sigma:g} | {r.seeds} | {_pm(r.acc, r.acc_err, 1, 100)} "
+                     f"| {_pm(r.psnr, r.psnr_err, 2, kind=r.psnr_err_kind)} | {_pm(r.ssim, r.ssim_err, 3, kind=r.ssim_err_kind)} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- plots
+def plot_psnr_vs_bits(s: pd.DataFrame, path: Path) -> None:
+    datasets = [d for d in ("faces", "pathology", "retina") if d in set(s.dataset)]
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.2 * len(datasets), 3.8), squeeze=False)
+    for ax, d in zip(axes[0], datasets):
+        sub = s[(s.dataset == d) & (s.sigma == 0) & (s.threat == "white-box")]
+        for m in METHOD_ORDER:
+            g = sub[(sub.method == m)].sort_values("bits")
+            if g.empty or m in ("identity", "vq"):  # fp16 is a line; vq's bits are per token (bytes plot)
+                continue
+            ax.errorbar(g.bits, g.psnr, yerr=g.psnr_err, marker="o", capsize=3, label=LABELS[m], color=COLORS[m])
+        ident = sub[sub.method == "identity"]
+        if len(ident):
+            ax.axhline(ident.psnr.iloc[0], color=COLORS["identity"], ls="--", label="identity fp16")
+        base = s[(s.dataset == d) & (s.threat == "mean-image")]
+        if len(base):
+            ax.axhline(base.psnr.mean(), color="grey", ls=":", label="mean image (no information)")
+        bb = s[(s.dataset == d) & (s.sigma == 0) & (s.threat == "black-box") & (s.method == "rdfsq")].sort_values("bits")
+        if len(bb):
+            ax.errorbar(bb.bits, bb.psnr, yerr=bb.psnr_err, marker="s", ls="-.", capsize=3, color=COLORS["rdfsq"],
+                        mfc="white", label="RD-FSQ, black-box")
+        ax.set(xlabel="bits per feature value (b)", ylabel="inversion PSNR (dB; white-box unless marked)",
+               title=f"{d}: inversion PSNR vs bits")
+        ax.set_xticks(sorted(set(sub[~sub.method.isin(("identity", "vq"))].bits)) or [1, 2, 3, 4])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_utility(s: pd.DataFrame, path: Path) -> None:
+    """Privacy/utility: task accuracy (x) vs white-box inversion PSNR (y), one line per
+    method/bits along sigma."""
+    sub = s[(s.threat == "white-box")]
+    noisy = sub[sub.sigma > 0]
+    datasets = sorted(set(noisy.dataset)) or sorted(set(sub.dataset))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.6 * len(datasets), 4.2), squeeze=False)
+    for ax, d in zip(axes[0], datasets):
+        dn = sub[sub.dataset == d]
+        keys = sorted({(m, b) for m, b in zip(dn[dn.sigma > 0].method, dn[dn.sigma > 0].bits)},
+                      key=lambda k: (METHOD_ORDER.index(k[0]) if k[0] in METHOD_ORDER else 99, k[1]))
+        for m, b in keys:
+            g = dn[(dn.method == m) & (dn.bits == b)].sort_values("sigma")
+            ax.errorbar(100 * g.acc, g.psnr, xerr=100 * g.acc_err.fillna(0), yerr=g.psnr_err, marker="o", capsize=3,
+                        label=_method_label(m, b))
+            for _, r in g.iterrows():
+                ax.annotate(f"σ={r.sigma:g}", (100 * r.acc, r.psnr), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        base = s[(s.dataset == d) & (s.threat == "mean-image")]
+        if len(base):
+            ax.axhline(base.psnr.mean(), color="grey", ls=":", label="mean image (no information)")
+        ax.set(xlabel="task accuracy, exact match on all clients' test sets (%)",
+               ylabel="white-box inversion PSNR (dB)", title=f"{d}: privacy/utility across bits × σ")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_psnr_vs_bytes(s: pd.DataFrame, path: Path) -> None:
+    sub = s[(s.sigma == 0) & (s.threat == "white-box")]
+    datasets = [d for d in ("faces", "pathology", "retina") if d in set(sub.dataset)]
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.2 * len(datasets), 3.8), squeeze=False)
+    for ax, d in zip(axes[0], datasets):
+        dn = sub[sub.dataset == d]
+        for m in METHOD_ORDER:
+            g = dn[dn.method == m].sort_values("bytes_per_image")
+            if len(g):
+                ax.errorbar(g.bytes_per_image, g.psnr, yerr=g.psnr_err, marker="o", capsize=3, label=LABELS[m],
+                            color=COLORS[m])
+        ax.set_xscale("log")
+        ax.set(xlabel="compressed feature bytes per image (log scale)", ylabel="white-box inversion PSNR (dB)",
+               title=f"{d}: leakage vs bandwidth")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def example_grid(examples: Path, dataset: str, path: Path, seed: int = 0) -> bool:
+    """Originals (top row) and white-box reconstructions per method (one row each), plus the
+    black-box identity row; returns False when the example files are missing."""
+    rows = [("original", None, "truth")]
+    for m, b in GRID_ROWS:
+        rows.append((f"{_method_label(m, b)}\nwhite-box", f"{dataset}-{m}-b{b}-s0-seed{seed}.npz", "white-box"))
+    rows.append(("identity fp16\nblack-box", f"{dataset}-identity-b16-s0-seed{seed}.npz", "black-box"))
+    first = examples / f"{dataset}-identity-b16-s0-seed{seed}.npz"
+    if not first.exists():
+        return False
+    truth = np.load(first)["truth"]
+    imgs = []
+    for label, name, key in rows:
+        if name is None:
+            imgs.append((label, truth))
+            continue
+        f = examples / name
+        if f.exists() and key in np.load(f).files:
+            imgs.append((label, np.load(f)[key]))
+    k = truth.shape[0]
+    fig, axes = plt.subplots(len(imgs), k, figsize=(1.1 * k + 1.4, 1.15 * len(imgs)), squeeze=False)
+    for r, (label, arr) in enumerate(imgs):
+        for c in range(k):
+            ax = axes[r, c]
+            ax.imshow(arr[c], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
+    fig.suptitle(f"{dataset}: victim's held-out images (top) and inversions from the captured uplink", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return True
+
+
+# ----------------------------------------------------------------------------- report
+def write_report(csv_path: Path, examples: Path, out: Path, quick: bool = False, vq_gap: str | None = None) -> None:
+    df = pd.read_csv(csv_path)
+    full = summarise(df)
+    full.to_csv(out / "privacy_summary.csv", index=False)
+    s = full[full.text_mode == "ids"]  # the image results; text-mode=quantized has its own section
+    plot_psnr_vs_bits(s, out / "privacy_psnr_vs_bits.png")
+    plot_utility(s, out / "privacy_utility.png")
+    plot_psnr_vs_bytes(s, out / "privacy_psnr_vs_bytes.png")
+    grid_files = {}
+    for d in sorted(set(df.dataset)):
+        target = (examples if d == "faces" else out) / f"privacy_examples_{d}.png"
+        if example_grid(examples, d, target):
+            grid_files[d] = target
+    config = json.loads((out / "privacy_config.json").read_text()) if (out / "privacy_config.json").exists() else {}
+    from experiments.privacy_text import report_markdown
+
+    (out / "privacy.md").write_text(report_markdown(df, full, config, grid_files, out, quick, vq_gap))
