@@ -1,0 +1,393 @@
+"""Shared parts of the experiment drivers: the per-run budget, one measured run, the
+resumable results CSV, mean ± std summaries.
+
+One sweep run (:func:`run_one`)::
+
+    RunSpec (base budget + method, bits, seed) -> SplitConfig
+      --sim.reference.run_reference-->  final client weights, exact match per question type
+      --round 1, exchanges 0 and 1 replayed through sim.protocol with those weights-->
+        the real ``train.split_step`` request and reply records
+      --sim.wire.wire_bytes / payload_bytes--> bytes per training sample, up and down
+
+The in-process reference trainer walks the exact schedule of the Flower strategy
+(``tests/test_simulation.py`` checks they agree step by step) and is several times
+faster than the Ray simulation, so the sweeps use it; the bytes come from the same
+message builders and handlers the ClientApp and strategy use, wrapped in a Flower
+``Message`` and measured as Flower serialises it. ``experiments.comm`` checks these
+per-sample numbers against the ledger of real Flower runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import multiprocessing
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+QTYPES = ("colour", "shape", "count", "position", "relational", "llava")
+QTYPE_GROUPS = {"perception": ("colour", "shape", "position"), "reasoning": ("count", "relational")}
+
+# ------------------------------------------------------------------ budgets
+# Settings every sweep run pins explicitly, so that a change of the project's defaults
+# cannot silently mix two recipes in one results file (a run's key hashes its overrides).
+PINNED: dict[str, object] = {
+    "lr": 0.001, "lr-schedule": "cosine", "min-lr-ratio": 0.1, "weight-decay": 0.0,
+    "rdfsq-stats": "per-dim", "rdfsq-alpha": 0.0, "grad-compressor": "none", "image-position": "after-question",
+    "partitioner": "iid", "test-fraction": 0.1, "vision-layers": 2, "llm-layers": 2,
+}
+# The fixed budget of one sweep run: 2 clients x 4 rounds x 125 micro-batches of 8
+# = 8 000 training samples (1.5 epochs of the 5 400 training samples), AdamW 1e-3 with
+# 50 warm-up steps and cosine decay; evaluation on all 600 local test samples. Measured
+# on this 2-core machine: ~70 s of CPU per run with one torch thread.
+SWEEP_CLIENTS = 2
+SWEEP_BUDGET: dict[str, object] = {
+    **PINNED,
+    "num-server-rounds": 4,
+    "local-steps": 125,
+    "steps-per-exchange": 25,
+    "batch-size": 8,
+    "warmup-steps": 50,
+    "num-samples": 6000,
+    "hidden-size": 128,
+    "image-size": 32,
+    "patch-size": 4,
+}
+# --quick: a smoke version of the same pipeline (tiny model, a few steps); its accuracies mean nothing.
+QUICK_BUDGET: dict[str, object] = {
+    **PINNED,
+    "num-server-rounds": 1,
+    "local-steps": 4,
+    "steps-per-exchange": 2,
+    "batch-size": 4,
+    "warmup-steps": 1,
+    "num-samples": 120,
+    "hidden-size": 64,
+    "image-size": 16,
+    "patch-size": 4,
+}
+
+METHODS = ("identity", "fsq", "rdfsq", "nf", "topk", "vq")
+IDENTITY_BITS = 16  # the identity baseline sends fp16 (identity-dtype=fp16)
+VQ_SPLIT = "vit-ln1:0"
+
+
+def method_overrides(method: str, bits: int) -> dict[str, object]:
+    """Run-config keys that select ``method`` at ``bits`` (identity: fp16, ``bits`` is ignored)."""
+    if method == "identity":
+        return {"compressor": "identity", "identity-dtype": "fp16", "bits": IDENTITY_BITS}
+    if method == "vq":  # AlignedVQ (paper 003): after LayerNorm 1 of ViT block 0, residual rebuilt from the codes
+        return {"compressor": "vq", "bits": bits, "split-point": VQ_SPLIT, "residual-mode": "rebuild"}
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    return {"compressor": method, "bits": bits, "split-point": "connector"}
+
+
+def vq_available() -> str | None:
+    """None if ``compressor=vq`` can be configured and built, else the reason why not."""
+    from sim.compress import names
+    from sim.config import COMPRESSORS
+
+    if "vq" not in COMPRESSORS:
+        return "compressor 'vq' is not a valid value of the config key 'compressor' (sim/config.py) yet"
+    if "vq" not in names():
+        return "compressor 'vq' is not registered in sim.compress yet"
+    return None
+
+
+# ------------------------------------------------------------------ one run
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of a sweep: labels plus the complete run-config overrides."""
+
+    dataset: str
+    method: str
+    bits: int
+    seed: int
+    clients: int
+    overrides: tuple[tuple[str, object], ...]
+
+    def config(self):
+        from sim.config import SplitConfig
+
+        return SplitConfig.from_run_config(dict(self.overrides))
+
+    def key(self) -> str:
+        """Hash of the run-config overrides and client count: a row with this key is this run.
+
+        The overrides pin the recipe (:data:`PINNED`); keys the sweep leaves at the
+        project's defaults are not part of the key, so a results CSV outlives unrelated
+        new config keys. Validates the config."""
+        self.config()
+        blob = json.dumps({"overrides": dict(self.overrides), "clients": self.clients}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def make_spec(dataset: str, method: str, bits: int, seed: int, clients: int, base: dict[str, object]) -> RunSpec:
+    cfg = {**base, **method_overrides(method, bits), "seed": seed}
+    return RunSpec(dataset, method, IDENTITY_BITS if method == "identity" else bits, seed, clients,
+                   tuple(sorted(cfg.items())))
+
+
+@dataclass(frozen=True)
+class ExchangeBytes:
+    """Bytes of one steady-state exchange of one client, divided by the samples it carries.
+
+    ``feature``: packed codes + side information (the ``features`` record's arrays);
+    ``up_payload``: plus token ids and loss mask; ``up_wire``: the whole
+    ``train.split_step`` reply as Flower serialises it; ``down_payload`` and
+    ``down_wire``: the next request, which carries the gradients of those samples;
+    ``round_start_wire``: the first request of a round (global client weights +
+    config), once per client per round, not per sample.
+    """
+
+    samples: int
+    feature: float
+    up_payload: float
+    up_wire: float
+    down_payload: float
+    down_wire: float
+    round_start_wire: int
+
+
+def ensure_task_identity() -> None:
+    """Flower stamps run/task/node ids into every Message; outside a run they are unset.
+
+    Set placeholders (1) for the unset ones so that messages can be built and measured
+    here; they are small integers in the metadata, as in a real run."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("run_id", "task_id", "node_id"):
+        try:
+            getattr(TaskIdentity, attr)
+        except RuntimeError:
+            setattr(TaskIdentity, attr, 1)
+
+
+def measure_exchange_bytes(cfg, clients: int, weights: dict, server=None) -> ExchangeBytes:
+    """Replay exchanges 0 and 1 of round 1 for partition 0 through the real protocol.
+
+    Exchange 0's request carries ``weights`` and the config; its reply the codes of the
+    first ``steps-per-exchange`` micro-batches. ``server`` (the trained one, or a fresh
+    one given the synced codec state of ``weights``) runs its steps on them and exchange
+    1's request carries those gradients."""
+    from flwr.app import Message
+
+    from sim.protocol import DOWNLINK_INFO, TRAIN, UPLINK_INFO, NodeIdentity, client_train, parse_train_reply, train_request
+    from sim.server_ops import build_server, exchange_schedule, server_steps, sync_round_state
+    from sim.wire import payload_bytes, wire_bytes
+
+    ensure_task_identity()
+    if server is None:
+        server = build_server(cfg)
+        weights = sync_round_state(server, weights)
+    schedule = exchange_schedule(cfg)
+    (apply0, enc0), (apply1, enc1) = schedule[0], schedule[1]
+    req0 = train_request(cfg, 1, 0, apply0, enc0, False, weights=weights)
+    rep0 = client_train(req0, _record_dict(), NodeIdentity(0, clients))
+    up = parse_train_reply(rep0, cfg, server.model.codec, server.tokens, server.dim, server.vocab_size,
+                           server.pad_id, len(enc0), False)
+    _, grads = server_steps(server, 1, enc0, [up.y_hats], [up.texts])
+    req1 = train_request(cfg, 1, 1, apply1, enc1, len(schedule) == 2, grads=grads[0])
+    n = len(enc0) * cfg.batch_size
+
+    def wire(content) -> int:
+        return wire_bytes(Message(content, dst_node_id=1, message_type=TRAIN))
+
+    return ExchangeBytes(
+        samples=n,
+        feature=payload_bytes(rep0, ("features",)) / n,
+        up_payload=payload_bytes(rep0, UPLINK_INFO) / n,
+        up_wire=wire(rep0) / n,
+        down_payload=payload_bytes(req1, DOWNLINK_INFO) / n,
+        down_wire=wire(req1) / n,
+        round_start_wire=wire(req0),
+    )
+
+
+def ready_runtimes(cfg, clients: int):
+    """Client runtime (partition 0), server runtime and the client state before round 1, with the
+    codecs' data-dependent state (AlignedVQ k-means codebook, RD-FSQ EMA statistics) initialised
+    and installed on the server as the strategy does; for measuring an untrained model's messages."""
+    from sim.client_ops import client_runtime, init_codec_state, load_weights
+    from sim.server_ops import build_server, initial_client_weights, sync_round_state
+
+    rt = client_runtime(cfg, 0, clients)
+    load_weights(rt, initial_client_weights(cfg))
+    server = build_server(cfg)
+    weights = sync_round_state(server, init_codec_state(rt))
+    load_weights(rt, weights)
+    return rt, server, weights
+
+
+def _record_dict():
+    from flwr.app import RecordDict
+
+    return RecordDict()
+
+
+def accuracy_columns(counts: dict[str, tuple[int, int]]) -> dict[str, float]:
+    """``acc`` overall, ``acc_<type>`` per question type and per group (perception, reasoning), ``n_<type>``."""
+    out: dict[str, float] = {}
+    c, n = counts.get("all", (0, 0))
+    out["acc"], out["n_test"] = (c / n if n else math.nan), n
+    for q in QTYPES:
+        c, n = counts.get(q, (0, 0))
+        out[f"acc_{q}"], out[f"n_{q}"] = (c / n if n else math.nan), n
+    for group, members in QTYPE_GROUPS.items():
+        c = sum(counts.get(q, (0, 0))[0] for q in members)
+        n = sum(counts.get(q, (0, 0))[1] for q in members)
+        out[f"acc_{group}"] = c / n if n else math.nan
+    return out
+
+
+RESULT_COLUMNS = (
+    "key", "dataset", "method", "bits", "seed", "clients", "samples",
+    "acc", "acc_perception", "acc_reasoning", *(f"acc_{q}" for q in QTYPES), "n_test", *(f"n_{q}" for q in QTYPES),
+    "acc_per_round", "final_loss",
+    "feature_bytes_per_sample", "up_payload_bytes_per_sample", "up_wire_bytes_per_sample",
+    "down_payload_bytes_per_sample", "down_wire_bytes_per_sample", "round_start_wire_bytes",
+    "train_s", "wall_s",
+)
+
+
+def run_one(spec: RunSpec) -> dict[str, object]:
+    """Train one configuration with the reference trainer and measure its messages (one torch thread)."""
+    import torch
+
+    from sim.reference import run_reference
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    cfg = spec.config()
+    res = run_reference(cfg, spec.clients)
+    b = measure_exchange_bytes(cfg, spec.clients, res.client_weights, res.server)
+    row: dict[str, object] = {
+        "key": spec.key(), "dataset": spec.dataset, "method": spec.method, "bits": spec.bits, "seed": spec.seed,
+        "clients": spec.clients, "samples": res.samples,
+        **accuracy_columns(res.eval_counts),
+        "acc_per_round": ";".join(f"{a:.4f}" for a in res.accuracy),
+        "final_loss": float(np.mean(res.step_losses[-cfg.steps_per_exchange:])) if res.step_losses else math.nan,
+        "feature_bytes_per_sample": b.feature, "up_payload_bytes_per_sample": b.up_payload,
+        "up_wire_bytes_per_sample": b.up_wire, "down_payload_bytes_per_sample": b.down_payload,
+        "down_wire_bytes_per_sample": b.down_wire, "round_start_wire_bytes": b.round_start_wire,
+        "train_s": round(res.train_s, 2), "wall_s": round(time.perf_counter() - t0, 2),
+    }
+    return row
+
+
+# ------------------------------------------------------------------ resumable CSV
+def done_keys(path: Path) -> set[str]:
+    if not path.exists():
+        return set()
+    try:
+        return set(pd.read_csv(path, usecols=["key"], dtype=str)["key"])
+    except (ValueError, pd.errors.EmptyDataError) as err:
+        raise ValueError(f"{path}: not a results CSV with a 'key' column ({err}); move it away to start over") from None
+
+
+def append_row(path: Path, row: dict[str, object]) -> None:
+    """Append one row (header first if the file is new); the file is never rewritten."""
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
+        if new:
+            w.writeheader()
+        w.writerow({k: row.get(k, "") for k in RESULT_COLUMNS})
+
+
+def run_grid(specs: list[RunSpec], csv_path: Path, jobs: int, on_row: Callable[[dict], None] | None = None) -> list[str]:
+    """Run the specs whose key is not in ``csv_path`` yet, ``jobs`` at a time; append each row as it finishes.
+
+    Returns the error messages of failed runs (those leave no row, so a rerun retries them)."""
+    done = done_keys(csv_path)
+    todo = [s for s in specs if s.key() not in done]
+    log.info("%d runs in the grid, %d already in %s, %d to run", len(specs), len(specs) - len(todo), csv_path, len(todo))
+    errors: list[str] = []
+    if not todo:
+        return errors
+
+    def finish(spec: RunSpec, get: Callable[[], dict]) -> None:
+        try:
+            row = get()
+        except Exception as err:  # a failed run must not stop the others; it is reported and retried next time
+            msg = f"{spec.method} b={spec.bits} seed={spec.seed}: {type(err).__name__}: {err}"
+            log.error("run failed: %s", msg)
+            errors.append(msg)
+            return
+        append_row(csv_path, row)
+        if on_row is not None:
+            on_row(row)
+
+    if jobs <= 1:
+        for s in todo:
+            finish(s, lambda s=s: run_one(s))
+        return errors
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(run_one, s): s for s in todo}
+        for fut in as_completed(futures):
+            finish(futures[fut], fut.result)
+    return errors
+
+
+# ------------------------------------------------------------------ summaries
+def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
+    """Mean, sample std (ddof=1; NaN for fewer than 2 values) and count of the finite values."""
+    v = np.asarray([x for x in values if x == x], dtype=float)
+    if v.size == 0:
+        return math.nan, math.nan, 0
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else math.nan, int(v.size)
+
+
+def fmt_pm(mean: float, std: float, scale: float = 100.0, digits: int = 1) -> str:
+    """``"mean ± std"`` (scaled, e.g. to percent); just the mean when the std is undefined."""
+    if mean != mean:
+        return "–"
+    if std != std:
+        return f"{mean * scale:.{digits}f}"
+    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+
+
+def summarise(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (dataset, method, bits): accuracies as mean/std/n over seeds, bytes as means.
+
+    ``ratio`` is the identity (fp16) feature bytes per sample of the same dataset over this
+    configuration's; ``wire_ratio`` the same for the whole uplink reply."""
+    rows = []
+    for (dataset, method, bits), g in df.groupby(["dataset", "method", "bits"], sort=False):
+        row: dict[str, object] = {"dataset": dataset, "method": method, "bits": int(bits)}
+        for col in ("acc", "acc_perception", "acc_reasoning", *(f"acc_{q}" for q in QTYPES)):
+            m, s, n = mean_std(g[col])
+            row[f"{col}_mean"], row[f"{col}_std"] = m, s
+            if col == "acc":
+                row["seeds"] = n
+        for col in ("feature_bytes_per_sample", "up_wire_bytes_per_sample", "down_wire_bytes_per_sample",
+                    "up_payload_bytes_per_sample", "down_payload_bytes_per_sample", "train_s"):
+            row[col] = float(g[col].mean())
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return out
+    ident = out[out.method == "identity"].set_index("dataset")
+    for col, src in (("ratio", "feature_bytes_per_sample"), ("wire_ratio", "up_wire_bytes_per_sample")):
+        out[col] = [
+            float(ident.loc[d, src]) / v if d in ident.index and v > 0 else math.nan
+            for d, v in zip(out.dataset, out[src])
+        ]
+    return out
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")

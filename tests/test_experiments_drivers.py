@@ -1,0 +1,194 @@
+"""The experiment drivers' --quick versions end to end, and their bookkeeping.
+
+The quick runs use a tiny model for a few steps: their accuracies mean nothing, but the
+files, the resumable CSV, the byte measurements and the claim rules are real."""
+
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from experiments import bitsweep, claims, comm, entropy, make_heldout
+from experiments.common import QUICK_BUDGET, make_spec, mean_std, run_one, summarise
+
+TOKENS = (QUICK_BUDGET["image-size"] // QUICK_BUDGET["patch-size"]) ** 2
+DIM = QUICK_BUDGET["hidden-size"]
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    args = ["--quick", "--methods", "identity,fsq,rdfsq,topk,vq", "--bits", "1,2", "--seeds", "0,1", "--jobs", "1",
+            "--out", str(out)]
+    assert bitsweep.main(args) == 0
+    return out
+
+
+def test_bitsweep_quick_writes_rows_report_and_plots(sweep_dir):
+    df = pd.read_csv(sweep_dir / "bitsweep.csv")
+    assert len(df) == 2 * (1 + 3 * 2 + 1)  # seeds x (identity + 3 scalar methods x 2 bits + vq at b=2)
+    assert df.key.is_unique
+    for name in ("bitsweep.md", "bitsweep_accuracy_vs_bits.png", "bitsweep_pareto.png", "bitsweep_summary.csv"):
+        assert (sweep_dir / name).stat().st_size > 0
+    md = (sweep_dir / "bitsweep.md").read_text()
+    assert "Identity (fp16) accuracy between seeds" in md and "| rdfsq | 2 | 2 |" in md
+
+
+def test_bitsweep_bytes_come_from_the_messages(sweep_dir):
+    s = summarise(pd.read_csv(sweep_dir / "bitsweep.csv")).set_index(["method", "bits"])
+    # packed codes: N*D*b/8 bytes per sample (no side information for rdfsq/fsq), fp16 for identity
+    assert s.loc[("identity", 16), "feature_bytes_per_sample"] == TOKENS * DIM * 2
+    assert s.loc[("rdfsq", 2), "feature_bytes_per_sample"] == TOKENS * DIM * 2 / 8
+    assert s.loc[("rdfsq", 2), "ratio"] == 8.0 and s.loc[("fsq", 1), "ratio"] == 16.0
+    assert s.loc[("vq", 2), "feature_bytes_per_sample"] == TOKENS * 2 / 8  # one 2-bit index per token
+    # topk pays for its positions: more than its nominal 16/b ratio promises
+    assert s.loc[("topk", 2), "ratio"] < 8.0
+    # the whole message frames the payload: more bytes than the features, and gradients come down in fp32
+    assert (s.up_wire_bytes_per_sample > s.feature_bytes_per_sample).all()
+    assert (s.down_wire_bytes_per_sample > TOKENS * DIM * 4).all()
+
+
+def test_bitsweep_resumes_without_rerunning(sweep_dir):
+    before = pd.read_csv(sweep_dir / "bitsweep.csv")
+    args = ["--quick", "--methods", "identity,rdfsq", "--bits", "2", "--seeds", "0,1", "--jobs", "1", "--out", str(sweep_dir)]
+    assert bitsweep.main(args) == 0
+    after = pd.read_csv(sweep_dir / "bitsweep.csv")
+    assert len(after) == len(before)  # every run of the smaller grid was already there
+    inv = pd.read_csv(sweep_dir / "bitsweep_invocations.csv")
+    assert inv.runs.tolist()[-1] == 0
+    assert "| fsq |" not in (sweep_dir / "bitsweep.md").read_text()  # the report shows the requested grid only
+
+
+def test_runs_are_deterministic_given_the_seed():
+    spec = make_spec("synthetic", "rdfsq", 2, 3, 2, QUICK_BUDGET)
+    a, b = run_one(spec), run_one(spec)
+    for k in ("acc", "final_loss", "up_wire_bytes_per_sample", "down_wire_bytes_per_sample"):
+        assert a[k] == b[k]
+
+
+def test_heldout_sweep_on_a_llava_json_dataset(tmp_path):
+    data = make_heldout.build("pathology", tmp_path / "data", 60, 0, 16)
+    out = tmp_path / "out"
+    args = ["--quick", "--data-path", str(data), "--methods", "identity,rdfsq", "--bits", "2", "--seeds", "0",
+            "--jobs", "1", "--out", str(out)]
+    assert bitsweep.main(args) == 0
+    df = pd.read_csv(out / "heldout.csv")
+    assert len(df) == 2 and df.dataset.str.startswith("llava-json:").all()
+    assert (df.n_llava == df.n_test).all()  # JSON records' own question types count as "llava"
+
+
+def test_bad_data_path_is_a_clear_error(tmp_path, capsys):
+    assert bitsweep.main(["--quick", "--data-path", str(tmp_path / "missing.json"), "--out", str(tmp_path)]) == 2
+    assert "missing.json" in capsys.readouterr().err
+
+
+def test_entropy_quick(tmp_path):
+    assert entropy.main(["--quick", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "entropy.json").read_text())
+    assert isinstance(summary["recommended_bits"], int) and summary["recommended_bits"] >= 1
+    rows = pd.read_csv(tmp_path / "entropy.csv")
+    assert set(rows.space) == {"connector", "projected", "scaled"} and rows.batch.max() == 3
+    codes = pd.read_csv(tmp_path / "entropy_codes.csv")
+    assert ((codes.code_entropy_bits >= 0) & (codes.code_entropy_bits <= codes.bits + 1e-9)).all()
+    md = (tmp_path / "entropy.md").read_text()
+    assert "silverman" in md and "What the number means" in md
+    for name in ("entropy_density.png", "entropy_codes.png", "entropy_per_dim.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_comm_quick_without_flower(tmp_path):
+    assert comm.main(["--quick", "--no-flower", "--out", str(tmp_path), "--methods", "identity:16,rdfsq:2"]) == 0
+    inf = pd.read_csv(tmp_path / "comm_inference.csv").set_index("method")
+    assert inf.loc["identity", "feature_bytes"] == TOKENS * DIM * 2
+    assert inf.loc["rdfsq", "feature_bytes"] == TOKENS * DIM * 2 / 8
+    lat = pd.read_csv(tmp_path / "comm_latency.csv")
+    assert sorted(lat.bandwidth_mbps.unique()) == [0.25, 0.5, 1.0, 2.0, 4.0]
+    # transmission time halves when the bandwidth doubles
+    g = lat[lat.name == "split identity b=16"].set_index("bandwidth_mbps").transmit_s
+    assert g[0.25] == pytest.approx(2 * g[0.5]) and g[1.0] == pytest.approx(inf.loc["identity", "inference_up_bytes"] * 8 / 1e6)
+    jpeg = pd.read_csv(tmp_path / "comm_jpeg.csv")
+    photos = jpeg[jpeg.images.str.contains("photos")].set_index("format").bytes_mean
+    assert photos["JPEG-10"] < photos["JPEG-90"]
+    assert (tmp_path / "comm.md").exists() and (tmp_path / "comm_latency.png").exists()
+
+
+def test_claims_report_from_quick_results(sweep_dir, tmp_path):
+    out = tmp_path / "results.md"
+    assert claims.main(["--results", str(sweep_dir), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| claim | data | our number" in text and "87.50%" in text
+
+
+# ------------------------------------------------------------------ the rules, on hand-made summaries
+def _summary(rows):
+    cols = ["method", "bits", "acc_mean", "acc_std", "seeds", "feature_bytes_per_sample", "up_wire_bytes_per_sample",
+            "down_wire_bytes_per_sample"]
+    return pd.DataFrame([dict(zip(cols, r)) for r in rows])
+
+
+BASE = [("identity", 16, 0.50, 0.01, 3, 2048.0, 2100.0, 4200.0)]
+
+
+def test_rdfsq_claim_needs_more_than_two_std():
+    s = _summary(BASE + [("rdfsq", 2, 0.60, 0.02, 3, 256, 300, 4200), ("fsq", 2, 0.50, 0.02, 3, 256, 300, 4200)])
+    assert claims.rdfsq_beats_fsq(s, "t", "cmd").verdict == "reproduced"  # +10 points > 2 x 2
+    s = _summary(BASE + [("rdfsq", 2, 0.53, 0.02, 3, 256, 300, 4200), ("fsq", 2, 0.50, 0.02, 3, 256, 300, 4200)])
+    assert claims.rdfsq_beats_fsq(s, "t", "cmd").verdict == "not reproduced (within noise)"  # +3 < 2 x 2
+    s = _summary(BASE + [("rdfsq", 2, 0.40, 0.02, 3, 256, 300, 4200), ("fsq", 2, 0.50, 0.02, 3, 256, 300, 4200)])
+    assert claims.rdfsq_beats_fsq(s, "t", "cmd").verdict == "not reproduced"
+    s = _summary([("identity", 16, 0.5, math.nan, 1, 2048, 2100, 4200), ("rdfsq", 2, 0.6, math.nan, 1, 256, 300, 4200),
+                  ("fsq", 2, 0.5, math.nan, 1, 256, 300, 4200)])
+    assert claims.rdfsq_beats_fsq(s, "t", "cmd").verdict == "undetermined"
+
+
+def test_optimum_claim_uses_the_plateau_and_the_entropy():
+    curve = [("rdfsq", b, a, 0.01, 3, 256, 300, 4200) for b, a in ((1, 0.30), (2, 0.55), (3, 0.56), (4, 0.55), (5, 0.54))]
+    ent = {"recommended_bits": 2, "trained": {"scaled": {"pooled_mean": 1.8},
+                                              "connector": {"pooled_mean": 1.85, "recommended_bits": 2}}}
+    assert claims.optimum_bits(_summary(BASE + curve), ent, "t", "cmd").verdict == "reproduced"
+    ent["recommended_bits"] = 1
+    assert claims.optimum_bits(_summary(BASE + curve), ent, "t", "cmd").verdict == "partly"
+    rising = [("rdfsq", b, 0.1 * b, 0.01, 3, 256, 300, 4200) for b in range(1, 6)]
+    ent["recommended_bits"] = 3
+    assert claims.optimum_bits(_summary(BASE + rising), ent, "t", "cmd").verdict == "not reproduced"
+
+
+def test_topk_and_vq_claims():
+    rows = BASE + [(m, 2, a, 0.01, 3, 256, 300, 4200) for m, a in (("fsq", 0.5), ("rdfsq", 0.55), ("nf", 0.52))]
+    assert claims.topk_worst(_summary(rows + [("topk", 2, 0.40, 0.01, 3, 600, 650, 4200)]), "t", "c").verdict == "reproduced"
+    assert claims.topk_worst(_summary(rows + [("topk", 2, 0.49, 0.01, 3, 600, 650, 4200)]), "t", "c").verdict == "not reproduced"
+    vq = [("vq", 2, 0.495, 0.01, 3, 2.0, 60, 4200), ("vq", 10, 0.30, 0.01, 3, 10.0, 120, 4200)]
+    assert claims.vq_ratio(_summary(BASE + vq), "t", "c").verdict == "reproduced"  # 2048/2 = 1024x, 0.5-point drop
+    strong = [("rdfsq", 2, 0.70, 0.01, 3, 256, 300, 4200)]
+    assert claims.vq_ratio(_summary(BASE + vq + strong), "t", "c").verdict == "partly"  # identity is no upper bound
+    vq = [("vq", 2, 0.30, 0.01, 3, 2.0, 60, 4200)]
+    assert claims.vq_ratio(_summary(BASE + vq), "t", "c").verdict == "partly"  # 1024x, but a 20-point drop
+    vq = [("vq", 10, 0.50, 0.01, 3, 10.0, 60, 4200)]
+    assert claims.vq_ratio(_summary(BASE + vq), "t", "c").verdict == "partly"  # no drop, but only 205x
+
+
+def test_pareto_front_and_mean_std():
+    pts = [(100, 0.5), (50, 0.4), (200, 0.45), (300, 0.7), (50, 0.3)]
+    assert bitsweep.pareto_front(pts) == [1, 0, 3]
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)), 2)
+    m, s, n = mean_std([0.5, float("nan")])
+    assert (m, n) == (0.5, 1) and math.isnan(s)
+
+
+@pytest.mark.slow
+def test_comm_quick_flower_runs_match_the_in_process_measure(tmp_path):
+    """The whole-run ledger of a real Flower simulation gives the same feature bytes per
+    training sample as the bit sweep's replay of one exchange."""
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    assert comm.main(["--quick", "--out", str(out), "--runs", str(runs), "--methods", "rdfsq:2"]) == 0
+    row = pd.read_csv(out / "comm.csv").iloc[0]
+    assert row.uplink_bytes + row.downlink_bytes == row.total_bytes
+    assert row.feature_bytes_per_sample == TOKENS * DIM * 2 / 8
+    swept = run_one(make_spec("synthetic", "rdfsq", 2, 0, 2, QUICK_BUDGET))
+    assert swept["feature_bytes_per_sample"] == row.feature_bytes_per_sample
+    assert swept["up_wire_bytes_per_sample"] == pytest.approx(row.up_wire_bytes_per_sample, rel=0.02)
+    assert swept["down_wire_bytes_per_sample"] == pytest.approx(row.down_grad_wire_bytes_per_sample, rel=0.02)
+    lat = pd.read_csv(out / "comm_latency.csv")
+    train = lat[lat.kind == "train"].set_index("bandwidth_mbps")
+    assert (train.steady_exchange_s.diff().dropna() < 0).all()  # faster links, shorter exchanges
