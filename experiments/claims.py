@@ -186,6 +186,13 @@ def uplink_reduction(s: pd.DataFrame, comm: pd.DataFrame, label: str) -> Verdict
 
 
 def vq_ratio(s: pd.DataFrame, label: str, command: str) -> Verdict:
+    """Compound claim: the ratio (deterministic bytes) and a small accuracy cost at that ratio.
+
+    Among the vq widths at >= 1000x, the best one decides: ``reproduced`` if its mean drop
+    against identity is at most the paper's 2.23 points and no other method beats it by more
+    than 2 std (else identity is no upper bound and flatters vq: ``partly``); ``not
+    reproduced`` if the drop is larger and exceeds 2 std; ``undetermined`` if it is larger
+    but within 2 std (too noisy to say); ``not reproduced`` if no width reaches 1000x."""
     claim = "VQ reaches ≥ 1000× compression at a small accuracy cost (paper 003: 1365×, −2.23 … +1.6%)"
     i = _identity(s)
     g = s[s.method == "vq"].sort_values("bits") if not s.empty else s
@@ -194,32 +201,31 @@ def vq_ratio(s: pd.DataFrame, label: str, command: str) -> Verdict:
     g = g[g.seeds >= 2]
     if g.empty or too_few_seeds(i):
         return Verdict(claim, label, "–", "undetermined", command, "vq or identity has fewer than 2 seeds")
-    cells, hits, big = [], 0, 0
-    for _, r in g.iterrows():
-        ratio = i.feature_bytes_per_sample / r.feature_bytes_per_sample
-        drop = i.acc_mean - r.acc_mean
-        sd = noise(s, r)
-        small = drop <= max(2 * sd if sd == sd else 0.0, PAPER_VQ_MAX_DROP)
-        cells.append(f"b={int(r.bits)}: {ratio:,.0f}×, {fmt_pm(r.acc_mean, r.acc_std)} % (Δ {100 * -drop:+.1f})")
-        big += ratio >= 1000
-        hits += ratio >= 1000 and small
+    ratio = {int(r.bits): i.feature_bytes_per_sample / r.feature_bytes_per_sample for _, r in g.iterrows()}
+    cells = [f"b={int(r.bits)}: {ratio[int(r.bits)]:,.0f}×, {fmt_pm(r.acc_mean, r.acc_std)} % "
+             f"(Δ {100 * (r.acc_mean - i.acc_mean):+.1f})" for _, r in g.iterrows()]
     number = f"identity {acc(i)}; vq " + "; ".join(cells)
     best = s[(s.method != "vq") & (s.seeds >= 2)].sort_values("acc_mean").iloc[-1]
-    behind_best = False
     if best.method != "identity":
         number += f"; best other method {best.method} b={int(best.bits)}: {acc(best)}"
-        hit_rows = [r for _, r in g.iterrows() if i.feature_bytes_per_sample / r.feature_bytes_per_sample >= 1000]
-        behind_best = bool(hit_rows) and all(best.acc_mean - r.acc_mean > 2 * noise(s, r, best) for r in hit_rows)
-    any_small = any(
-        i.acc_mean - r.acc_mean <= max(2 * noise(s, r) if noise(s, r) == noise(s, r) else 0.0, PAPER_VQ_MAX_DROP)
-        for _, r in g.iterrows())
-    verdict = "reproduced" if hits and not behind_best else "partly" if big or any_small else "not reproduced"
-    detail = ("ratio = identity fp16 feature bytes / vq feature bytes, measured; with D = 128 per token the ratio is "
-              "2048/b, so only b ≤ 2 reaches 1000× (the paper's D = 1024 gives 1365× at b = 12). Small cost: a drop "
-              "no larger than max(2 std, 2.23 points). Only \"partly\" when the cost is small against identity but "
-              "the best other method beats vq at >= 1000x by more than 2 std: identity is then no upper bound and "
-              "the comparison with it flatters vq.")
-    return Verdict(claim, label, number, verdict, command, detail)
+    big = g[[ratio[int(b)] >= 1000 for b in g.bits]]
+    detail = ("ratio = identity fp16 feature bytes / vq feature bytes, measured; with D = 128 per token it is 2048/b, "
+              "so only b ≤ 2 reaches 1000× (the paper's D = 1024 gives 1365× at b = 12). Small cost: a mean drop of at "
+              "most 2.23 points (the paper's largest). ")
+    if big.empty:
+        return Verdict(claim, label, number, "not reproduced", command, detail + "No vq width reached 1000×.")
+    r = big.loc[big.acc_mean.idxmax()]
+    drop, sd = i.acc_mean - r.acc_mean, noise(s, r)
+    if drop <= PAPER_VQ_MAX_DROP:
+        if best.method != "identity" and best.acc_mean - r.acc_mean > 2 * noise(s, r, best):
+            return Verdict(claim, label, number, "partly", command, detail + (
+                f"The cost is small against identity, but {best.method} b={int(best.bits)} beats vq by more than 2 std: "
+                "identity is no upper bound here and the comparison with it flatters vq."))
+        return Verdict(claim, label, number, "reproduced", command, detail)
+    if drop > 2 * sd:
+        return Verdict(claim, label, number, "not reproduced", command, detail + "The drop exceeds 2 std.")
+    return Verdict(claim, label, number, "undetermined", command, detail + (
+        f"The mean drop ({100 * drop:.1f} points) is large but within 2 std ({200 * sd:.1f}): the seeds disagree too much."))
 
 
 def vq_vs_jpeg(inference: pd.DataFrame, jpeg: pd.DataFrame) -> Verdict:
