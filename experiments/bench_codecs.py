@@ -83,15 +83,13 @@ def p6_codec_speed(bits: int = 2, shape: tuple[int, int, int] = (64, 64, 128), r
 def p2_wire_efficiency(payload_samples: tuple[int, ...] = (1, 8, 32, 160)) -> list[dict]:
     """Flower-serialised bytes ÷ information payload for real uplink train replies."""
     from flwr.app import ConfigRecord, Message, RecordDict
-    from flwr.supercore.task_identity import TaskIdentity
 
+    from experiments.common import ensure_task_identity
     from sim.batches import TextBatch
     from sim.protocol import UPLINK_INFO
     from sim.wire import arrays_to_record, concat_payloads, encode_train_text, payload_bytes, wire_bytes
 
-    # A Message built outside a Flower run needs a task identity (the runtime sets one);
-    # the ids are a few varint bytes of the serialised header either way.
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    ensure_task_identity()  # a Message built outside a Flower run needs placeholder ids
     rows = []
     for method, bits in (("rdfsq", 2), ("identity", 16)):
         cfg = SplitConfig(compressor=method, bits=min(bits, 8) if method == "rdfsq" else 2)

@@ -17,6 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .bench_sim import cli_overrides
+
 IDLE = re.compile(r"\b(wait|_wait_for_tstate_lock|select|poll|epoll_wait|sleep|acquire|get_objects|_recv|recv)\b")
 FRAME = re.compile(r"^(?P<fn>[^ ]+) \((?P<file>[^:]+):?\d*\)$")
 
@@ -60,10 +62,9 @@ def profile_exchange(config: dict, clients: int, top: int = 12, rate: int = 100)
                  "unit": ""}]
     with tempfile.TemporaryDirectory(prefix="bench-prof-") as tmp:
         out = Path(tmp) / "stacks.txt"
-        overrides = [x for k, v in config.items() for x in ("-c", f"{k}={v}")]
         cmd = ["py-spy", "record", "--subprocesses", "--format", "raw", "--rate", str(rate), "-o", str(out), "--",
                sys.executable, "-m", "sim", "run", "--clients", str(clients), "--out", str(Path(tmp) / "run"),
-               *overrides]
+               *cli_overrides(config)]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0 or not out.exists():
             return [{"figure": "profile", "setting": f"py-spy failed: {res.stderr.strip()[-200:]}",

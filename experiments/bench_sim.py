@@ -73,7 +73,8 @@ class PeakRSS:
         self._thread.join()
 
 
-def _overrides(config: dict) -> list[str]:
+def cli_overrides(config: dict) -> list[str]:
+    """``-c KEY=VALUE`` arguments of ``python -m sim run`` for ``config``."""
     out = []
     for k, v in config.items():
         out += ["-c", f"{k}={v}"]
@@ -83,7 +84,7 @@ def _overrides(config: dict) -> list[str]:
 def run_simulation(config: dict, clients: int, workdir: Path, timeout: float = 1800) -> dict:
     """One ``python -m sim run``; returns its training throughput, timings and peak RSS."""
     out = workdir / f"sim-{len(list(workdir.iterdir()))}"
-    cmd = [sys.executable, "-m", "sim", "run", "--clients", str(clients), "--out", str(out), *_overrides(config)]
+    cmd = [sys.executable, "-m", "sim", "run", "--clients", str(clients), "--out", str(out), *cli_overrides(config)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     with PeakRSS(proc.pid) as rss:

@@ -36,9 +36,9 @@ def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
     if bits > 8:
         bitplanes = (flat.astype(np.uint16)[:, None] >> np.arange(bits, dtype=np.uint16)) & np.uint16(1)
         return np.packbits(bitplanes.astype(np.uint8).reshape(-1), bitorder="little")
-    flat = flat.astype(np.uint8, copy=False)  # in range, so exact
     if bits == 8:
-        return flat.copy() if flat is codes else flat
+        return flat.astype(np.uint8)  # always a copy: never aliases the caller's codes
+    flat = flat.astype(np.uint8, copy=False)  # in range, so exact
     if 8 % bits == 0:  # 1, 2, 4 bits: several whole codes per byte, OR-ed column by column
         per = 8 // bits
         if flat.size % per:
