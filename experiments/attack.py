@@ -38,7 +38,7 @@ from sim.batches import TokenisedExamples, eval_text, pixels, train_text
 from sim.config import SplitConfig
 from sim.model import ClientBatch, ClientModel, build_client_model, client_state, client_state_names, load_client_state
 from sim.server_ops import ServerRuntime
-from sim.split_step import answer_loss, first_answer_index, trainable
+from sim.split_step import answer_loss, first_answer_index, image_split, trainable
 
 
 @dataclass(frozen=True)
@@ -236,13 +236,12 @@ def surrogate_client(
         p.requires_grad_(False)
     server.model.eval()
     rng = np.random.default_rng(seed)
-    after_question = cfg.image_position == "after-question"
     try:
         for t in range(budget.steps):
             idx = rng.choice(len(aux), size=min(budget.batch, len(aux)), replace=False)
             text = train_text(aux, idx, server.pad_id)
             enc = model(pixels(aux, idx))
-            split = first_answer_index(text) if after_question else None
+            split = image_split(cfg.image_position, first_answer_index(text))
             loss = answer_loss(server.model.logits(enc.y, text.ids, split), text, enc.y.shape[1]) + enc.aux_loss
             for g in opt.param_groups:
                 g["lr"] = budget.lr * 0.5 * (1 + math.cos(math.pi * t / budget.steps))

@@ -283,6 +283,24 @@ def append_rows(path: Path, rows: list[dict[str, object]]) -> None:
             w.writerow({k: row.get(k, "") for k in COLUMNS})
 
 
+def set_aside_stale(path: Path, keys: set[str]) -> int:
+    """Move the rows of ``path`` whose key is not in ``keys`` (made with another grid,
+    budget or config schema) to ``<stem>_stale.csv`` beside it, so the report only sees
+    rows of the current study and nothing written earlier is lost. Returns their count."""
+    if not path.exists():
+        return 0
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    stale = [r for r in rows if r["key"] not in keys]
+    if stale:
+        append_rows(path.with_name(path.stem + "_stale.csv"), stale)
+        tmp = path.with_suffix(".tmp")
+        tmp.unlink(missing_ok=True)
+        append_rows(tmp, [r for r in rows if r["key"] in keys])
+        tmp.replace(path)
+    return len(stale)
+
+
 def run_study(grid: list[Victim], budget: Budget, csv_path: Path, examples_dir: Path) -> list[str]:
     """Run every victim whose rows are not all in ``csv_path``; returns error messages."""
     done = done_keys(csv_path)
@@ -332,6 +350,10 @@ def main(argv: list[str] | None = None) -> int:
         grid = quick_grid() if args.quick else full_grid(with_vq=vq_gap is None)
         if vq_gap is not None:
             log.warning("vq left out: %s", vq_gap)
+        stale = set_aside_stale(csv_path, {v.key(budget, t) for v in grid for t in v.threats})
+        if stale:
+            log.warning("%d rows of %s belong to another grid or config; moved to %s", stale, csv_path,
+                        csv_path.with_name(csv_path.stem + "_stale.csv"))
         t0 = time.perf_counter()
         before = len(done_keys(csv_path))
         errors = run_study(grid, budget, csv_path, examples)

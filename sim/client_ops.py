@@ -20,7 +20,7 @@ from .compress import Payload
 from .config import SplitConfig
 from .data import bad_record_count, client_shard, load_examples
 from .model import ClientBatch, ClientModel, build_client_model, client_state, image_token_count, load_client_state
-from .schedule import lr_at
+from .schedule import lr_at, make_optimiser
 from .split_step import client_apply_grads, trainable
 from .tokenizer import get_tokenizer
 
@@ -66,7 +66,7 @@ def client_runtime(cfg: SplitConfig, partition: int, num_partitions: int, own_da
 @functools.lru_cache(maxsize=4)
 def _model_and_optimiser(cfg: SplitConfig, vocab_size: int) -> tuple[ClientModel, torch.optim.Optimizer]:
     model = build_client_model(cfg, vocab_size)
-    opt = torch.optim.AdamW(trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_optimiser(cfg, trainable(model))
     return model, opt
 
 
@@ -149,7 +149,7 @@ def apply_steps(rt: ClientRuntime, rnd: int, steps: list[int], grads: list) -> l
     if len(steps) != len(grads):
         raise ValueError(f"{len(grads)} gradients for {len(steps)} steps")
     batches = [client_batch(rt, micro_batch(rt, rnd, s)) for s in steps]
-    return client_apply_grads(rt.model, rt.opt, batches, grads, [lr_at(rt.cfg, rnd, s) for s in steps])
+    return client_apply_grads(rt.model, rt.opt, batches, grads, [lr_at(rt.cfg, rnd, s) for s in steps], rt.cfg.grad_clip)
 
 
 INIT_ROUND = 0  # codec initialisation draws its micro-batches from a round of its own

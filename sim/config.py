@@ -37,7 +37,7 @@ SPLIT_POINTS = ("connector", "vit-ln1:<k>")  # vit-ln1:k = after LayerNorm 1 of 
 TEXT_MODES = ("ids", "quantized")
 RESIDUAL_MODES = ("rebuild", "transmit")
 ENTROPY_CODINGS = ("none", "ans", "zstd")
-IMAGE_POSITIONS = ("first", "after-question")
+IMAGE_POSITIONS = ("first", "after-question", "before-last-token")
 DATASETS = ("synthetic", "llava-json", "pathology", "retina", "faces")
 CASE_STUDY_IMAGE_SIZES = (16, 384)  # the scikit-image case studies render tiles in this range
 PARTITIONERS = ("iid", "dirichlet")
@@ -62,6 +62,8 @@ class SplitConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
+    adam_beta2: float = 0.999
+    grad_clip: float = 0.0
     seed: int = 0
     exchange_timeout_s: float = 600.0
     expected_clients: int = 0
@@ -258,6 +260,8 @@ def _validate(c: SplitConfig) -> None:
     _range("warmup-steps", c.warmup_steps, 0, 10_000_000)
     _range("min-lr-ratio", c.min_lr_ratio, 0.0, 1.0)
     _range("weight-decay", c.weight_decay, 0.0, 10.0)
+    _range("adam-beta2", c.adam_beta2, 0.0, 0.99999)
+    _range("grad-clip", c.grad_clip, 0.0, 1e6)
     _range("seed", c.seed, 0, 2**31 - 1)
     _range("exchange-timeout-s", c.exchange_timeout_s, 0.0, 86_400.0, lo_open=True)
     _range("expected-clients", c.expected_clients, 0, 10_000_000)

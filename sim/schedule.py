@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch.optim import Optimizer
 
 from .config import SplitConfig
@@ -44,3 +45,14 @@ def lr_at(cfg: SplitConfig, rnd: int, step: int) -> float:
 def set_lr(opt: Optimizer, lr: float) -> None:
     for group in opt.param_groups:
         group["lr"] = lr
+
+
+def make_optimiser(cfg: SplitConfig, params: list[torch.nn.Parameter]) -> torch.optim.AdamW:
+    """AdamW as both sides use it (``lr`` is set per step by :func:`set_lr`)."""
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+
+
+def clip_grads(params: list[torch.nn.Parameter], max_norm: float) -> None:
+    """Clip the global gradient norm of ``params`` to ``max_norm`` (``grad-clip``; 0 = off)."""
+    if max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)

@@ -16,9 +16,9 @@ from .model import (
     ServerModel, build_client_model, build_server_model, client_state, fold_client_state, image_token_count,
     load_server_synced, stream_width,
 )
-from .schedule import lr_at
+from .schedule import lr_at, make_optimiser
 from .streams import micro_batch_shapes
-from .split_step import exact_match, server_generate, server_train_step, trainable
+from .split_step import exact_match, image_split, server_generate, server_train_step, trainable
 from .tokenizer import get_tokenizer
 
 
@@ -37,7 +37,7 @@ class ServerRuntime:
 def build_server(cfg: SplitConfig) -> ServerRuntime:
     tok = get_tokenizer(cfg)
     model = build_server_model(cfg, len(tok))
-    opt = torch.optim.AdamW(trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_optimiser(cfg, trainable(model))
     return ServerRuntime(
         cfg, model, opt, image_token_count(cfg), stream_width(cfg, "image"), len(tok), tok.pad_token_id, tok.eos_token_id
     )
@@ -100,7 +100,7 @@ def server_steps(
     for i, step in enumerate(steps):
         loss, g = server_train_step(
             rt.model, rt.opt, [y[i] for y in y_hats], [t[i] for t in texts], rt.pad_id, lr_at(rt.cfg, rnd, step),
-            image_after_question=rt.cfg.image_position == "after-question",
+            image_position=rt.cfg.image_position, grad_clip=rt.cfg.grad_clip,
         )
         losses.append(loss)
         for c, gc in enumerate(g):
@@ -137,7 +137,7 @@ def evaluate(
     correct: list[bool] = []
     bs = rt.cfg.eval_batch_size
     for i in range(0, len(prompts), bs):
-        split = torch.as_tensor(splits[i : i + bs]) if rt.cfg.image_position == "after-question" else None
+        split = image_split(rt.cfg.image_position, torch.as_tensor(splits[i : i + bs]))
         pred = server_generate(
             rt.model, feats[i : i + bs], prompts[i : i + bs], rt.eos_id, rt.pad_id, rt.cfg.max_answer_tokens, split
         )

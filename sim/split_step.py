@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .batches import TextBatch, pad_text
 from .model import ClientBatch, ClientModel, ServerModel
-from .schedule import set_lr
+from .schedule import clip_grads, set_lr
 
 
 def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -44,11 +44,13 @@ def client_apply_grads(
     batches: list[ClientBatch | torch.Tensor],
     grads: list[dict[str, torch.Tensor] | torch.Tensor],
     lrs: list[float],
+    grad_clip: float = 0.0,
 ) -> list[float]:
     """Recompute each micro-batch, backprop its received gradients (one per uplink stream;
     a bare tensor is the image stream's) plus the client's own auxiliary losses, then
     apply the optimiser steps in order (step ``s`` at rate ``lrs[s]``). Returns the aux
-    losses. ``batches`` are :class:`ClientBatch` or bare pixel tensors."""
+    losses. ``batches`` are :class:`ClientBatch` or bare pixel tensors; ``grad_clip`` > 0
+    clips each step's gradient norm."""
     params = trainable(model)
     per_step: list[tuple[torch.Tensor, ...]] = []
     aux_losses = []
@@ -68,6 +70,7 @@ def client_apply_grads(
     for step_grads, lr in zip(per_step, lrs, strict=True):
         for p, gp in zip(params, step_grads):
             p.grad = gp if gp is not None else torch.zeros_like(p)
+        clip_grads(params, grad_clip)
         set_lr(opt, lr)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -91,6 +94,21 @@ def concat_text(texts: list[TextBatch], pad_id: int) -> TextBatch:
     return pad_text(seqs, masks, pad_id)
 
 
+def image_split(position: str, first_len: torch.Tensor) -> torch.Tensor | None:
+    """Where each row's image tokens go (``image-position``), given the length of its
+    first question: ``None`` (before all text) for ``first``, after the question for
+    ``after-question``, and before the question's last token for ``before-last-token``,
+    so that a text token, not an image patch, sits at the position that predicts the
+    first answer token."""
+    if position == "first":
+        return None
+    if position == "after-question":
+        return first_len
+    if position == "before-last-token":
+        return (first_len - 1).clamp_min(0)
+    raise ValueError(f"unknown image position {position!r}")
+
+
 def first_answer_index(text: TextBatch) -> torch.Tensor:
     """(B,) index of each row's first answer token: the end of its first question."""
     return text.loss_mask.to(torch.int8).argmax(dim=1)
@@ -103,7 +121,8 @@ def server_train_step(
     texts: list[TextBatch],
     pad_id: int,
     lr: float,
-    image_after_question: bool = False,
+    image_position: str = "first",
+    grad_clip: float = 0.0,
 ) -> tuple[float, list]:
     """One server step on the concatenated micro-batches of all clients.
 
@@ -116,12 +135,13 @@ def server_train_step(
     text = concat_text(texts, pad_id)
     img = model.image_embeds(streams)
     txt = model.text_embeds(text.ids, text.lens, streams.get("text"))
-    split = first_answer_index(text) if image_after_question else None
+    split = image_split(image_position, first_answer_index(text))
     loss = answer_loss(model.sequence_logits(img, txt, split), text, img.shape[1])
     if not torch.isfinite(loss):
         raise FloatingPointError(f"non-finite server loss {float(loss)}")
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    clip_grads(trainable(model), grad_clip)
     set_lr(opt, lr)
     opt.step()
     parts = {k: v.grad.split([u[k].shape[cat_dim.get(k, 0)] for u in ups], dim=cat_dim.get(k, 0)) for k, v in streams.items()}

@@ -48,3 +48,16 @@ def test_quick_benchmark_runs_everything(tmp_path):
     assert bench.main(["--quick", "--out", str(tmp_path)]) == 0
     df = pd.read_csv(tmp_path / "bench.csv")
     assert {"P1", "P1-curve", "P2", "P4", "P5", "P6"} <= set(df["figure"])
+
+
+def test_a_missed_target_is_reported_with_its_reason(tmp_path):
+    df = pd.DataFrame([
+        {"figure": "P6", "setting": "rdfsq b=2 encode+pack", "repeat": 0, "value": 0.3, "unit": "× FSQ"},
+        {"figure": "P4", "setting": "rdfsq b=2 ans", "repeat": 0, "value": 1.001},
+    ])
+    bench.write_report(df, tmp_path, {"cpus": 2}, "python -m experiments.bench", 1.0)
+    md = (tmp_path / "bench.md").read_text()
+    p6 = next(line for line in md.splitlines() if line.startswith("| P6 |"))
+    p4 = next(line for line in md.splitlines() if line.startswith("| P4 |"))
+    assert "**missed**: " + bench.WHY_MISSED["P6"] in p6
+    assert p4.rstrip().endswith("| met |")

@@ -36,6 +36,9 @@ def test_strings_from_the_command_line_are_coerced():
         ({"image-size": 30}, ["patch-size", "image-size"]),
         ({"vision-tower": "./missing-dir"}, ["vision-tower", "does not exist"]),
         ({"num-rounds": 3}, ["Unknown config key", "num-server-rounds"]),
+        ({"adam-beta2": 1.0}, ["adam-beta2"]),
+        ({"grad-clip": -1.0}, ["grad-clip"]),
+        ({"image-position": "last"}, ["image-position", "before-last-token"]),
     ],
 )
 def test_invalid_values_name_the_key(override, words):

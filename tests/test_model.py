@@ -1,6 +1,7 @@
 """Model halves: from_pretrained loading from local directories, layouts, LLaVA JSON end to end."""
 
 import numpy as np
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
@@ -9,6 +10,7 @@ from sim.data import generate_synthetic_vqa, synthetic_vocabulary, write_llava_j
 from sim.model import build_client_model, build_server_model
 from sim.reference import run_reference
 from sim.server_ops import build_server
+from sim.split_step import image_split
 from sim.tokenizer import build_word_tokenizer, get_tokenizer
 
 
@@ -54,8 +56,30 @@ def test_image_after_zero_question_tokens_is_the_image_first_layout(tiny_cfg):
     assert not torch.allclose(first, split2, atol=1e-3)
 
 
-def test_image_after_question_trains(tiny_cfg):
-    res = run_reference(tiny_cfg.replace(image_position="after-question"), num_partitions=2)
+def test_before_last_token_reads_the_answer_out_at_a_text_token(tiny_cfg):
+    """With image-position=before-last-token the image goes before the question's last
+    token, so the logits that predict the first answer token sit on that text token."""
+    server = build_server(tiny_cfg).model
+    n = tiny_cfg.num_image_tokens
+    y = torch.randn(2, n, tiny_cfg.hidden_size)
+    ids = torch.randint(4, 20, (2, 6))
+    first_len = torch.tensor([4, 5])
+    split = image_split("before-last-token", first_len)
+    assert split.tolist() == [3, 4] and image_split("after-question", first_len) is first_len
+    assert image_split("first", first_len) is None
+    ids2 = ids.clone()
+    ids2[0, 3] = 3 if int(ids[0, 3]) != 3 else 4  # row 0's last question token
+    with torch.no_grad():
+        a, b = server.logits(y, ids, split), server.logits(y, ids2, split)
+    readout = n + 3  # position of row 0's text token 3, which predicts token 4
+    assert not torch.allclose(a[0, readout], b[0, readout])
+    assert torch.allclose(a[0, : split[0]], b[0, : split[0]])  # tokens before it are unchanged
+    assert torch.allclose(a[1], b[1])
+
+
+@pytest.mark.parametrize("position", ["after-question", "before-last-token"])
+def test_image_after_question_trains(tiny_cfg, position):
+    res = run_reference(tiny_cfg.replace(image_position=position, grad_clip=1.0, adam_beta2=0.95), num_partitions=2)
     assert all(np.isfinite(res.step_losses)) and 0.0 <= res.accuracy[0] <= 1.0
 
 

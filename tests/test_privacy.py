@@ -229,3 +229,14 @@ def test_capture_matches_the_ledger_of_a_real_flower_run(tmp_path):
     assert cap.row.feature_bytes == row.feature_bytes
     assert cap.row.payload_bytes == row.payload_bytes
     assert abs(cap.row.wire_bytes - row.wire_bytes) <= 64, (cap.row.wire_bytes, row.wire_bytes)
+
+
+def test_rows_of_another_grid_are_set_aside_not_lost(tmp_path):
+    from experiments.inversion import append_rows, done_keys, set_aside_stale
+
+    path = tmp_path / "privacy.csv"
+    append_rows(path, [{"key": "current", "psnr": 20.0}, {"key": "old", "psnr": 30.0}])
+    assert set_aside_stale(path, {"current"}) == 1
+    assert done_keys(path) == {"current"}
+    assert done_keys(tmp_path / "privacy_stale.csv") == {"old"}
+    assert set_aside_stale(path, {"current"}) == 0  # idempotent
