@@ -57,12 +57,15 @@ def top_costs(collapsed: str, top: int) -> list[dict]:
 
 def profile_exchange(config: dict, clients: int, top: int = 12, rate: int = 100) -> list[dict]:
     """Run ``python -m sim run`` under py-spy; the top self-time functions (busy samples)."""
-    if shutil.which("py-spy") is None:
+    # py-spy is a console script of the dev extras: on PATH, or beside this interpreter
+    # when the venv is used without being activated (``.venv/bin/python -m ...``).
+    py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    if py_spy is None:
         return [{"figure": "profile", "setting": "py-spy is not installed (pip install py-spy)", "value": float("nan"),
                  "unit": ""}]
     with tempfile.TemporaryDirectory(prefix="bench-prof-") as tmp:
         out = Path(tmp) / "stacks.txt"
-        cmd = ["py-spy", "record", "--subprocesses", "--format", "raw", "--rate", str(rate), "-o", str(out), "--",
+        cmd = [py_spy, "record", "--subprocesses", "--format", "raw", "--rate", str(rate), "-o", str(out), "--",
                sys.executable, "-m", "sim", "run", "--clients", str(clients), "--out", str(Path(tmp) / "run"),
                *cli_overrides(config)]
         res = subprocess.run(cmd, capture_output=True, text=True)

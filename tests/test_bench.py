@@ -23,6 +23,9 @@ def test_codec_figures_run_and_report(tmp_path):
     for fig in ("P1", "P2", "P4", "P5", "P6"):
         assert f"| {fig} |" in md
     assert "not run" in md  # P1 and P5 were not selected
+    # the report rebuilds from the run's own files, unchanged
+    assert bench.main(["--report-only", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "bench.md").read_text() == md
 
 
 def test_profile_reduction_skips_idle_frames_and_ranks_busy_ones():
