@@ -5,7 +5,6 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
-from sim.config import SplitConfig
 from sim.data import generate_synthetic_vqa, synthetic_vocabulary, write_llava_json
 from sim.model import build_client_model, build_server_model
 from sim.reference import run_reference
