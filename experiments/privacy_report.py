@@ -117,6 +117,19 @@ def noise_table(s: pd.DataFrame, dataset: str) -> str:
 
 
 # ----------------------------------------------------------------------------- plots
+def _mean_image_line(ax, s: pd.DataFrame, dataset: str) -> None:
+    """The no-information baseline (mean public image) of ``dataset`` as a dotted line."""
+    base = s[(s.dataset == dataset) & (s.threat == "mean-image")]
+    if len(base):
+        ax.axhline(base.psnr.mean(), color="grey", ls=":", label="mean image (no information)")
+
+
+def _save(fig, path: Path, dpi: int = 120) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def plot_psnr_vs_bits(s: pd.DataFrame, path: Path) -> None:
     datasets = [d for d in ("faces", "pathology", "retina") if d in set(s.dataset)]
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.2 * len(datasets), 3.8), squeeze=False)
@@ -130,9 +143,7 @@ def plot_psnr_vs_bits(s: pd.DataFrame, path: Path) -> None:
         ident = sub[sub.method == "identity"]
         if len(ident):
             ax.axhline(ident.psnr.iloc[0], color=COLORS["identity"], ls="--", label="identity fp16")
-        base = s[(s.dataset == d) & (s.threat == "mean-image")]
-        if len(base):
-            ax.axhline(base.psnr.mean(), color="grey", ls=":", label="mean image (no information)")
+        _mean_image_line(ax, s, d)
         bb = s[(s.dataset == d) & (s.sigma == 0) & (s.threat == "black-box") & (s.method == "rdfsq")].sort_values("bits")
         if len(bb):
             ax.errorbar(bb.bits, bb.psnr, yerr=bb.psnr_err, marker="s", ls="-.", capsize=3, color=COLORS["rdfsq"],
@@ -142,9 +153,7 @@ def plot_psnr_vs_bits(s: pd.DataFrame, path: Path) -> None:
         ax.set_xticks(sorted(set(sub[~sub.method.isin(("identity", "vq"))].bits)) or [1, 2, 3, 4])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_utility(s: pd.DataFrame, path: Path) -> None:
@@ -164,16 +173,12 @@ def plot_utility(s: pd.DataFrame, path: Path) -> None:
                         label=_method_label(m, b))
             for _, r in g.iterrows():
                 ax.annotate(f"σ={r.sigma:g}", (100 * r.acc, r.psnr), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        base = s[(s.dataset == d) & (s.threat == "mean-image")]
-        if len(base):
-            ax.axhline(base.psnr.mean(), color="grey", ls=":", label="mean image (no information)")
+        _mean_image_line(ax, s, d)
         ax.set(xlabel="task accuracy, exact match on all clients' test sets (%)",
                ylabel="white-box inversion PSNR (dB)", title=f"{d}: privacy/utility across bits × σ")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_psnr_vs_bytes(s: pd.DataFrame, path: Path) -> None:
@@ -192,9 +197,7 @@ def plot_psnr_vs_bytes(s: pd.DataFrame, path: Path) -> None:
                title=f"{d}: leakage vs bandwidth")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def example_grid(examples: Path, dataset: str, path: Path, seed: int = 0) -> bool:
@@ -227,9 +230,7 @@ def example_grid(examples: Path, dataset: str, path: Path, seed: int = 0) -> boo
             if c == 0:
                 ax.set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
     fig.suptitle(f"{dataset}: victim's held-out images (top) and inversions from the captured uplink", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    _save(fig, path, dpi=130)
     return True
 
 

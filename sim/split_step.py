@@ -141,7 +141,8 @@ def server_train_step(
         raise FloatingPointError(f"non-finite server loss {float(loss)}")
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    clip_grads(trainable(model), grad_clip)
+    if grad_clip > 0:  # skip building the parameter list on the default (unclipped) path
+        clip_grads(trainable(model), grad_clip)
     set_lr(opt, lr)
     opt.step()
     parts = {k: v.grad.split([u[k].shape[cat_dim.get(k, 0)] for u in ups], dim=cat_dim.get(k, 0)) for k, v in streams.items()}
