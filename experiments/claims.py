@@ -2,7 +2,7 @@
 
 ``python -m experiments.claims`` reads what the drivers wrote under ``--results``
 (``bitsweep_summary.csv``, ``heldout_summary.csv``, ``entropy.json``, ``comm.csv``,
-``comm_inference.csv``, ``comm_jpeg.csv``) and decides each claim by a fixed rule:
+``comm_inference.csv``, ``comm_jpeg.csv``, ``comm_jpeg_accuracy.csv``) and decides each claim by a fixed rule:
 
 * an accuracy difference counts only if it exceeds **2 std**, where std is the larger
   of the identity baseline's seed std and the compared configurations' seed stds on
@@ -54,6 +54,7 @@ class Results:
         self.comm = self._csv("comm.csv")
         self.inference = self._csv("comm_inference.csv")
         self.jpeg = self._csv("comm_jpeg.csv")
+        self.jpeg_accuracy = self._csv("comm_jpeg_accuracy.csv")
         p = folder / "entropy.json"
         self.entropy = json.loads(p.read_text()) if p.exists() else None
 
@@ -228,7 +229,18 @@ def vq_ratio(s: pd.DataFrame, label: str, command: str) -> Verdict:
         f"The mean drop ({100 * drop:.1f} points) is large but within 2 std ({200 * sd:.1f}): the seeds disagree too much."))
 
 
-def vq_vs_jpeg(inference: pd.DataFrame, jpeg: pd.DataFrame) -> Verdict:
+def accuracy_beside_jpeg(runs: pd.DataFrame, cloud: pd.DataFrame) -> str:
+    """One-seed exact match of the split runs of ``comm`` beside the cloud-only JPEG baseline."""
+    if cloud.empty:
+        return "no cloud-only JPEG accuracy in the results"
+    parts = [f"split {r.method} b={int(r.bits)} {100 * r.accuracy:.1f}%" for _, r in runs.iterrows()] if len(runs) else []
+    parts += [f"cloud-only {r.format} {100 * r.accuracy:.1f}%" for _, r in cloud.iterrows()]
+    return ("exact match, one Flower run each, so no verdict on accuracy: " + ", ".join(parts)
+            + " (the cloud-only rows are the identity run's model fed JPEG round-tripped test images)")
+
+
+def vq_vs_jpeg(inference: pd.DataFrame, jpeg: pd.DataFrame, runs: pd.DataFrame | None = None,
+               cloud: pd.DataFrame | None = None) -> Verdict:
     claim = "AlignedVQ sends 96.8% fewer bytes per image than JPEG-90 (paper 003, Table 3)"
     if inference.empty or jpeg.empty or not (inference.method == "vq").any():
         return Verdict(claim, "benchmark images", "–", "undetermined", COMM_CMD, "no vq inference or JPEG results")
@@ -245,7 +257,10 @@ def vq_vs_jpeg(inference: pd.DataFrame, jpeg: pd.DataFrame) -> Verdict:
                    f"{photos.bytes_mean.iloc[0]:,.0f} B → {100 * (1 - vq12 / photos.bytes_mean.iloc[0]):.1f}%")
     red = [1 - r.feature_bytes / bench.bytes_mean.iloc[0] for _, r in vq.iterrows()]
     verdict = "reproduced" if max(red) >= 0.968 else "partly" if max(red) > 0 else "not reproduced"
-    return Verdict(claim, "benchmark images", number, verdict, COMM_CMD, "codes only, as the paper's table")
+    detail = "codes only, as the paper's table"
+    if cloud is not None:
+        detail += "; " + accuracy_beside_jpeg(runs if runs is not None else pd.DataFrame(), cloud)
+    return Verdict(claim, "benchmark images", number, verdict, COMM_CMD, detail)
 
 
 # ------------------------------------------------------------------ report
@@ -261,7 +276,7 @@ def build(results: Results) -> list[Verdict]:
         if label == "synthetic":
             out.append(uplink_reduction(s, results.comm, label))
         out.append(vq_ratio(s, label, cmd))
-    out.append(vq_vs_jpeg(results.inference, results.jpeg))
+    out.append(vq_vs_jpeg(results.inference, results.jpeg, results.comm, results.jpeg_accuracy))
     return out
 
 

@@ -10,7 +10,7 @@ reproduces it (same seed, same per-step losses) and as the P1 throughput baselin
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from flwr.app import RecordDict
@@ -85,7 +85,7 @@ def run_reference(cfg: SplitConfig, num_partitions: int, evaluate_rounds: bool =
         global_w = sync_round_state(server, global_w)
         res.train_s += time.perf_counter() - t0
         if evaluate_rounds:
-            res.eval_counts = _evaluate(cfg, server, global_w, num_partitions, rnd)
+            res.eval_counts = evaluate_global(cfg, server, global_w, num_partitions, rnd)
             c, t = res.eval_counts.get("all", (0, 0))
             res.accuracy.append(c / t if t else float("nan"))
     res.client_weights, res.server = global_w, server
@@ -97,14 +97,23 @@ def _wire_grads(cfg: SplitConfig, grads: list, shapes: dict) -> list:
     return decode_grad_records(RecordDict(grad_records(cfg, grads)), cfg, shapes)
 
 
-def _evaluate(
-    cfg: SplitConfig, server, global_w: dict[str, torch.Tensor], num_partitions: int, rnd: int
+def evaluate_global(
+    cfg: SplitConfig, server, global_w: dict[str, torch.Tensor], num_partitions: int, rnd: int,
+    images: torch.Tensor | None = None,
 ) -> dict[str, tuple[int, int]]:
     """(correct, total) over the evaluated clients' local test sets (all of them unless
-    ``fraction-evaluate`` < 1), overall and per question type."""
+    ``fraction-evaluate`` < 1), overall and per question type.
+
+    ``images`` (uint8, the dataset's shape) stands in for the dataset's images, e.g. JPEG
+    round-tripped copies; the cached dataset itself is left untouched."""
     totals: dict[str, tuple[int, int]] = {}
     for p in sample_partitions(list(range(num_partitions)), cfg, rnd, evaluation=True):
         rt = client_runtime(cfg, p, num_partitions)
+        if images is not None:
+            if images.shape != rt.data.images.shape or images.dtype != rt.data.images.dtype:
+                raise ValueError(f"images must be {tuple(rt.data.images.shape)} {rt.data.images.dtype}, "
+                                 f"got {tuple(images.shape)} {images.dtype}")
+            rt = replace(rt, data=replace(rt.data, images=images))
         load_weights(rt, global_w)
         payloads, prompts, answers, splits, qtypes, n = encode_eval(rt)
         counts = text_token_counts([len(q) for q in prompts], cfg.batch_size)

@@ -113,6 +113,26 @@ def test_comm_quick_without_flower(tmp_path):
     assert (tmp_path / "comm.md").exists() and (tmp_path / "comm_latency.png").exists()
 
 
+def test_cloud_only_jpeg_accuracy_evaluates_the_trained_model_on_jpeg_images():
+    from sim.client_ops import client_runtime
+    from sim.config import SplitConfig
+    from sim.reference import run_reference
+
+    cfg = SplitConfig.from_run_config({**QUICK_BUDGET, **comm.method_overrides("identity", 16)})
+    res = run_reference(cfg, 2)
+    rows = {r["format"]: r for r in comm.cloud_only_accuracy(cfg, res.server, res.client_weights, 2, 1)}
+    assert set(rows) == {"raw RGB uint8", "JPEG-10", "JPEG-90"}
+    raw = rows["raw RGB uint8"]
+    assert (raw["correct"], raw["total"]) == res.eval_counts["all"]  # the raw row is the run's own accuracy
+    assert all(r["total"] == raw["total"] for r in rows.values())
+    assert rows["JPEG-10"]["bytes_mean"] < rows["JPEG-90"]["bytes_mean"]
+    assert raw["bytes_mean"] == 3 * cfg.image_size**2
+    images = client_runtime(cfg, 0, 2).data.images
+    degraded, sizes = comm.jpeg_images(images[:8], 10)
+    assert degraded.dtype == images.dtype and degraded.shape == (8, *images.shape[1:])
+    assert (degraded != images[:8]).any() and (sizes > 0).all()
+
+
 def test_claims_report_from_quick_results(sweep_dir, tmp_path):
     out = tmp_path / "results.md"
     assert claims.main(["--results", str(sweep_dir), "--out", str(out)]) == 0
@@ -183,8 +203,12 @@ def test_comm_quick_flower_runs_match_the_in_process_measure(tmp_path):
     """The whole-run ledger of a real Flower simulation gives the same feature bytes per
     training sample as the bit sweep's replay of one exchange."""
     out, runs = tmp_path / "out", tmp_path / "runs"
-    assert comm.main(["--quick", "--out", str(out), "--runs", str(runs), "--methods", "rdfsq:2"]) == 0
-    row = pd.read_csv(out / "comm.csv").iloc[0]
+    assert comm.main(["--quick", "--out", str(out), "--runs", str(runs), "--methods", "identity:16,rdfsq:2"]) == 0
+    done = pd.read_csv(out / "comm.csv").set_index("method")
+    # the cloud-only baseline reloads the identity run's checkpoint: raw images give the run's own accuracy
+    cloud = pd.read_csv(out / "comm_jpeg_accuracy.csv").set_index("format")
+    assert cloud.loc["raw RGB uint8", "accuracy"] == done.loc["identity", "accuracy"]
+    row = done.loc["rdfsq"]
     assert row.uplink_bytes + row.downlink_bytes == row.total_bytes
     assert row.feature_bytes_per_sample == TOKENS * DIM * 2 / 8
     swept = run_one(make_spec("synthetic", "rdfsq", 2, 0, 2, QUICK_BUDGET))
