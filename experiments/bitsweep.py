@@ -20,9 +20,9 @@ synthetic benchmark (e.g. one built by ``python -m experiments.make_heldout``).
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python -m experiments.bitsweep", *shown])  # the sweep, even when only the report is rebuilt
     specs = build_grid(methods, bits, vq_bits, seeds, args.clients, base, dataset)
     if not args.report_only:
-        t0 = time.time()
+        t0, load0 = time.time(), os.getloadavg()[0]
         done = [0]
 
         def progress(row: dict) -> None:
@@ -283,13 +283,10 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             signal.signal(signal.SIGTERM, previous)
             inv = out / f"{name}_invocations.csv"
-            new = not inv.exists()
-            with inv.open("a", newline="") as f:
-                w = csv.writer(f)
-                if new:
-                    w.writerow(["started", "wall_s", "runs", "jobs", "argv"])
-                w.writerow([time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)), round(time.time() - t0, 1), done[0],
-                            args.jobs, " ".join(argv if argv is not None else sys.argv[1:])])
+            row = {"started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)), "wall_s": round(time.time() - t0, 1),
+                   "runs": done[0], "jobs": args.jobs, "argv": " ".join(argv if argv is not None else sys.argv[1:]),
+                   "load_1m_at_start": round(load0, 2)}  # other jobs on the machine slow every run down
+            pd.concat([_invocations(inv), pd.DataFrame([row])], ignore_index=True).to_csv(inv, index=False)
     if not csv_path.exists():
         print(f"error: no results in {csv_path}", file=sys.stderr)
         return 1

@@ -280,24 +280,39 @@ def build(results: Results) -> list[Verdict]:
     return out
 
 
+def _load(value) -> str:
+    """A recorded 1-minute load average, or "not recorded" (invocations before it was recorded)."""
+    return "not recorded" if value is None or value != value else f"{float(value):.2f}"
+
+
 def _wall_times(folder: Path) -> list[str]:
-    lines = []
+    lines, total = [], 0.0
     for name, cmd in (("bitsweep", SWEEP_CMD), ("heldout", HELDOUT_CMD)):
         p = folder / f"{name}_invocations.csv"
         rows = folder / f"{name}.csv"
         if rows.exists():
             runs = pd.read_csv(rows)
             inv = pd.read_csv(p) if p.exists() else pd.DataFrame({"wall_s": [], "runs": []})
+            loads = ", ".join(_load(v) for v in inv.get("load_1m_at_start", pd.Series([None] * len(inv))))
             lines.append(f"| `{cmd}` | {len(runs)} runs in the CSV; their wall times sum to {runs.wall_s.sum() / 60:.0f} min "
                          f"({runs.wall_s.mean():.0f} s per run on average, `--jobs` runs at a time); finished driver invocations: "
-                         f"{inv.wall_s.sum() / 60:.1f} min over {len(inv)} |")
+                         f"{inv.wall_s.sum() / 60:.1f} min over {len(inv)} | {loads or 'not recorded'} |")
+            total += float(inv.wall_s.sum())
     for name, cmd in (("entropy.json", ENTROPY_CMD), ("comm.json", COMM_CMD)):
         p = folder / name
         if p.exists():
             d = json.loads(p.read_text())
-            extra = (f" (last invocation; its Flower training runs took {d['flower_runs_wall_s'] / 60:.1f} min, "
-                     "made once and reused)") if d.get("flower_runs_wall_s") else ""
-            lines.append(f"| `{cmd}` | {d['wall_s'] / 60:.1f} min{extra} |")
+            runs_min = (d.get("flower_runs_wall_s") or 0) / 60
+            if not runs_min:
+                extra = ""
+            elif d["wall_s"] / 60 >= runs_min:  # the Flower runs were made by this invocation
+                extra = f", of which {runs_min:.1f} min its Flower training runs"
+            else:
+                extra = f" (last invocation, reusing Flower training runs that took {runs_min:.1f} min when made)"
+            lines.append(f"| `{cmd}` | {d['wall_s'] / 60:.1f} min{extra} | {_load(d.get('load_1m_at_start'))} |")
+            total += max(d["wall_s"], (d.get("flower_runs_wall_s") or 0))  # reused Flower runs count as made
+    if lines:
+        lines.append(f"| all of the above | {total / 60:.1f} min | |")
     return lines
 
 
@@ -336,8 +351,10 @@ def write(verdicts: list[Verdict], results: Results, path: Path, command: str) -
                              "cost against identity\" is therefore an easy bar.")
     walls = _wall_times(results.folder)
     if walls:
-        lines += ["", "Wall time of each command on this 2-core machine (shared with other jobs while it ran):", "",
-                  "| command | wall time |", "|---|---|", *walls]
+        lines += ["", "Wall time of each command on this 2-core machine. Other jobs on the machine slow a command down: "
+                  "the 1-minute load average when each invocation started is beside it (about 2 = both cores already "
+                  "busy).", "",
+                  "| command | wall time | load average at start |", "|---|---|---|", *walls]
     lines += ["", "Details: " + ", ".join(f"[{n}]({rel / n})" for n in ("bitsweep.md", "heldout.md", "entropy.md", "comm.md")
                                           if (results.folder / n).exists()), ""]
     path.parent.mkdir(parents=True, exist_ok=True)

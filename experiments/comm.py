@@ -33,6 +33,7 @@ import io
 import json
 import logging
 import math
+import os
 import subprocess
 import sys
 import time
@@ -406,12 +407,10 @@ def write_report(out: Path, runs: pd.DataFrame, lat: pd.DataFrame, inf: pd.DataF
             b = feature_b.get(f"{r.method} b={r.bits}", float("nan"))
             lines.append(f"| split {r.method} b={r.bits} | {b:,.1f} (features) | {100 * r.accuracy:.1f} | |")
         lines.append("")
-    lines += [
-              "## Latency per inference sample (paper 003, Figure 6)", "",
-              "## Latency per inference sample (paper 003, Figure 6)", "",
+    lines += ["## Latency per inference sample (paper 003, Figure 6)", "",
               "Edge compute + uplink transmission (`bytes * 8 / bandwidth`, no RTT) + cloud compute up to the LLM, "
-              "compute measured on this CPU with one thread, fastest of 7 repetitions (the machine was shared with "
-              "other jobs; the paper: a Jetson edge and an A100 cloud). Split: edge = the client half and packing, "
+              "compute measured on this CPU with one thread, fastest of 7 repetitions (the least disturbed by other "
+              "jobs; the paper: a Jetson edge and an A100 cloud). Split: edge = the client half and packing, "
               "cloud = unpacking, decoding and, for vq (split after LN1 of ViT block 0), the rest of the vision tower "
               "and the connector. Cloud-only JPEG: edge = JPEG encode, cloud = decode + vision tower + connector.", "",
               "| name | uplink B | edge ms | cloud ms | " + " | ".join(f"{b} Mbit/s ms" for b in BANDWIDTHS_MBPS) + " |",
@@ -440,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     from sim.config import SplitConfig
 
     torch.set_num_threads(1)
-    t0 = time.perf_counter()
+    t0, load0 = time.perf_counter(), os.getloadavg()[0]
     out = args.out or (Path("runs/quick") if args.quick else Path("experiments/results"))
     runs_dir = args.runs or (Path("runs/quick/comm") if args.quick else Path("runs/comm"))
     out.mkdir(parents=True, exist_ok=True)
@@ -507,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t0
     notes += [f"failed: {f}" for f in failed]
     (out / "comm.json").write_text(json.dumps(
-        {"wall_s": round(wall, 1), "flower_runs_wall_s": round(float(runs.wall_s.sum()) if len(runs) else 0.0, 1),
+        {"wall_s": round(wall, 1), "load_1m_at_start": round(load0, 2), "flower_runs_wall_s": round(float(runs.wall_s.sum()) if len(runs) else 0.0, 1),
          "budget": base, "clients": args.clients, "methods": methods, "notes": notes},
         indent=2, default=str))
     command = ("python -m experiments.comm " + " ".join(argv if argv is not None else sys.argv[1:])).strip()

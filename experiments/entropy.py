@@ -26,6 +26,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -344,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     from sim.server_ops import initial_client_weights
 
     torch.set_num_threads(1)
-    t0 = time.perf_counter()
+    t0, load0 = time.perf_counter(), os.getloadavg()[0]
     out = args.out or (Path("runs/quick") if args.quick else Path("experiments/results"))
     out.mkdir(parents=True, exist_ok=True)
     batch_size = args.batch_size or (8 if args.quick else 32)
@@ -398,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t0
     cfg_json = cfg.to_run_config()
     summary["wall_s"] = round(wall, 1)
+    summary["load_1m_at_start"] = round(load0, 2)  # other jobs on the machine slow it down
     summary["config"] = cfg_json
     command = "python -m experiments.entropy " + " ".join(argv if argv is not None else sys.argv[1:])
     summary["command"] = command.strip()

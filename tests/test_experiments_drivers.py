@@ -57,6 +57,7 @@ def test_bitsweep_resumes_without_rerunning(sweep_dir):
     assert len(after) == len(before)  # every run of the smaller grid was already there
     inv = pd.read_csv(sweep_dir / "bitsweep_invocations.csv")
     assert inv.runs.tolist()[-1] == 0
+    assert len(inv) == 2 and (inv.load_1m_at_start >= 0).all()  # every invocation records the machine's load
     assert "| fsq |" not in (sweep_dir / "bitsweep.md").read_text()  # the report shows the requested grid only
 
 
@@ -76,6 +77,19 @@ def test_heldout_sweep_on_a_llava_json_dataset(tmp_path):
     df = pd.read_csv(out / "heldout.csv")
     assert len(df) == 2 and df.dataset.str.startswith("llava-json:").all()
     assert (df.n_llava == df.n_test).all()  # JSON records' own question types count as "llava"
+
+
+def test_make_heldout_reuses_its_own_build_and_never_overwrites_other_data(tmp_path, capsys):
+    out = tmp_path / "pathology"
+    args = ["--out", str(out), "--num-samples", "20", "--image-size", "16"]
+    assert make_heldout.main(args) == 0
+    stamp = (out / "data.json").stat().st_mtime_ns
+    assert make_heldout.main(args) == 0  # the documented command twice in a row: reused, not rebuilt
+    assert (out / "data.json").stat().st_mtime_ns == stamp and "reused" in capsys.readouterr().out
+    assert make_heldout.main([*args, "--seed", "1"]) == 2  # other parameters: refused
+    assert "built with" in capsys.readouterr().err
+    (out / make_heldout.MANIFEST).unlink()  # e.g. a user's own data.json: never touched
+    assert make_heldout.main(args) == 2 and (out / "data.json").stat().st_mtime_ns == stamp
 
 
 def test_bad_data_path_is_a_clear_error(tmp_path, capsys):
@@ -138,6 +152,8 @@ def test_claims_report_from_quick_results(sweep_dir, tmp_path):
     assert claims.main(["--results", str(sweep_dir), "--out", str(out)]) == 0
     text = out.read_text()
     assert "| claim | data | our number" in text and "87.50%" in text
+    wall = next(line for line in text.splitlines() if line.startswith("| `python -m experiments.bitsweep` |"))
+    assert wall.count("|") == 4 and "not recorded" not in wall  # the quick sweep recorded its load average
 
 
 # ------------------------------------------------------------------ the rules, on hand-made summaries
