@@ -273,7 +273,7 @@ def jpeg_images(images: torch.Tensor, quality: int) -> tuple[torch.Tensor, np.nd
     sizes = np.empty(len(images), np.int64)
     for i, img in enumerate(images.permute(0, 2, 3, 1).numpy()):
         sizes[i], blob = jpeg_bytes(img, quality)
-        out[i] = torch.from_numpy(np.asarray(Image.open(io.BytesIO(blob)).convert("RGB"))).permute(2, 0, 1)
+        out[i] = torch.from_numpy(np.array(Image.open(io.BytesIO(blob)).convert("RGB"))).permute(2, 0, 1)
     return out, sizes
 
 
