@@ -37,6 +37,7 @@ from torch import nn
 from sim.batches import TokenisedExamples, eval_text, pixels, train_text
 from sim.config import SplitConfig
 from sim.model import ClientBatch, ClientModel, build_client_model, client_state, client_state_names, load_client_state
+from sim.schedule import set_lr
 from sim.server_ops import ServerRuntime
 from sim.split_step import answer_loss, first_answer_index, image_split, trainable
 
@@ -243,8 +244,7 @@ def surrogate_client(
             enc = model(pixels(aux, idx))
             split = image_split(cfg.image_position, first_answer_index(text))
             loss = answer_loss(server.model.logits(enc.y, text.ids, split), text, enc.y.shape[1]) + enc.aux_loss
-            for g in opt.param_groups:
-                g["lr"] = budget.lr * 0.5 * (1 + math.cos(math.pi * t / budget.steps))
+            set_lr(opt, budget.lr * 0.5 * (1 + math.cos(math.pi * t / budget.steps)))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"command": cmd, "wall_s": time.perf_counter() - t0, "machine": machine_info()}
         write_report(df, out, meta["machine"], meta["command"], meta["wall_s"])
         (out / "bench.json").write_text(json.dumps(meta, indent=2))
-    print((Path(args.out) / "bench.md").read_text())
+    print((out / "bench.md").read_text())
     return 0
 
 

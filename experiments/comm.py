@@ -210,6 +210,11 @@ def jpeg_bytes(img: np.ndarray, quality: int) -> tuple[int, bytes]:
     return len(buf.getvalue()), buf.getvalue()
 
 
+def jpeg_decode(blob: bytes) -> np.ndarray:
+    """A JPEG back to an (H, W, 3) uint8 RGB array (writable, as a tensor needs)."""
+    return np.array(Image.open(io.BytesIO(blob)).convert("RGB"))
+
+
 def photos_336() -> dict[str, np.ndarray]:
     """Natural photographs bundled with scikit-image, RGB, resized (bicubic) to 336x336."""
     import skimage.data
@@ -256,7 +261,7 @@ def jpeg_table(cfg, clients: int, n_images: int = 256, reps: int = 7) -> tuple[l
     for q in JPEG_QUALITIES:
         blobs = [jpeg_bytes(im, q)[1] for im in batch]
         enc = _per_sample_seconds(lambda: [jpeg_bytes(im, q) for im in batch], reps) / len(batch)
-        dec = _per_sample_seconds(lambda: [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs], reps) / len(batch)
+        dec = _per_sample_seconds(lambda: [jpeg_decode(b) for b in blobs], reps) / len(batch)
         timing[f"JPEG-{q}"] = {"edge_s": enc, "decode_s": dec}
     px = pixels(rt.data, idx[:32])
     tower = _per_sample_seconds(lambda: rt.model.features(px), reps) / len(batch)
@@ -273,7 +278,7 @@ def jpeg_images(images: torch.Tensor, quality: int) -> tuple[torch.Tensor, np.nd
     sizes = np.empty(len(images), np.int64)
     for i, img in enumerate(images.permute(0, 2, 3, 1).numpy()):
         sizes[i], blob = jpeg_bytes(img, quality)
-        out[i] = torch.from_numpy(np.array(Image.open(io.BytesIO(blob)).convert("RGB"))).permute(2, 0, 1)
+        out[i] = torch.from_numpy(jpeg_decode(blob)).permute(2, 0, 1)
     return out, sizes
 
 
