@@ -99,16 +99,20 @@ def _wire_grads(cfg: SplitConfig, grads: list, shapes: dict) -> list:
 
 def evaluate_global(
     cfg: SplitConfig, server, global_w: dict[str, torch.Tensor], num_partitions: int, rnd: int,
-    images: torch.Tensor | None = None,
+    images: torch.Tensor | None = None, train_samples: int = 0,
 ) -> dict[str, tuple[int, int]]:
     """(correct, total) over the evaluated clients' local test sets (all of them unless
     ``fraction-evaluate`` < 1), overall and per question type.
 
     ``images`` (uint8, the dataset's shape) stands in for the dataset's images, e.g. JPEG
-    round-tripped copies; the cached dataset itself is left untouched."""
+    round-tripped copies; the cached dataset itself is left untouched. ``train_samples``
+    > 0 scores the first that many *training* examples of each client instead of its
+    test set (to tell over-fitting from under-fitting)."""
     totals: dict[str, tuple[int, int]] = {}
     for p in sample_partitions(list(range(num_partitions)), cfg, rnd, evaluation=True):
         rt = client_runtime(cfg, p, num_partitions)
+        if train_samples > 0:
+            rt = replace(rt, test_idx=rt.train_idx[:train_samples])
         if images is not None:
             if images.shape != rt.data.images.shape or images.dtype != rt.data.images.dtype:
                 raise ValueError(f"images must be {tuple(rt.data.images.shape)} {rt.data.images.dtype}, "

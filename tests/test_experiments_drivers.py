@@ -234,3 +234,37 @@ def test_comm_quick_flower_runs_match_the_in_process_measure(tmp_path):
     lat = pd.read_csv(out / "comm_latency.csv")
     train = lat[lat.kind == "train"].set_index("bandwidth_mbps")
     assert (train.steady_exchange_s.diff().dropna() < 0).all()  # faster links, shorter exchanges
+
+
+def test_spine_recipe_records_per_type_and_train_accuracy_and_keeps_old_rows(tmp_path):
+    from experiments import spine_recipe
+
+    out = tmp_path / "recipe.csv"
+    pd.DataFrame([{"overrides": "lr=1e-3", "clients": 4, "final_accuracy": 0.5, "accuracy_per_round": "0.5",
+                   "wall_s": 9}]).to_csv(out, index=False)  # an older file, without the newer columns
+    tiny = ["num-server-rounds=2", "local-steps=2", "steps-per-exchange=1", "batch-size=4", "num-samples=120",
+            "hidden-size=32", "image-size=16", "vision-layers=1", "llm-layers=1", "compressor=identity"]
+    args = ["--clients", "1", "--train-samples", "8", "--out", str(out)] + [a for s in tiny for a in ("--set", s)]
+    assert spine_recipe.main(args) == 0
+    df = pd.read_csv(out)
+    assert df.overrides.tolist() == ["lr=1e-3", " ".join(tiny)]
+    new = df.iloc[1]
+    assert len(new.accuracy_per_round.split()) == 2 and new.final_accuracy == float(new.accuracy_per_round.split()[-1])
+    assert 0 <= new.train_accuracy <= 1 and new.load_1m_at_start >= 0
+    per_type = [c for c in df.columns if c.startswith("acc_")]
+    assert per_type and all(0 <= new[c] <= 1 for c in per_type)
+    assert math.isnan(df.iloc[0].train_accuracy)
+
+
+def test_evaluate_global_scores_training_examples_on_request():
+    from sim.client_ops import client_runtime
+    from sim.config import SplitConfig
+    from sim.reference import evaluate_global, run_reference
+
+    cfg = SplitConfig.from_run_config({"num-server-rounds": 1, "local-steps": 1, "steps-per-exchange": 1, "batch-size": 4,
+                                       "num-samples": 120, "hidden-size": 32, "image-size": 16, "vision-layers": 1,
+                                       "llm-layers": 1, "compressor": "identity"})
+    res = run_reference(cfg, 2)
+    test_total = sum(len(client_runtime(cfg, p, 2).test_idx) for p in range(2))
+    assert evaluate_global(cfg, res.server, res.client_weights, 2, 1)["all"][1] == test_total
+    assert evaluate_global(cfg, res.server, res.client_weights, 2, 1, train_samples=5)["all"][1] == 2 * 5
