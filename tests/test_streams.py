@@ -154,6 +154,7 @@ def test_codec_init_is_deterministic_and_syncs_the_server(tiny_cfg):
     (s1, w1), (s2, w2) = ready(cfg), ready(cfg)
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
     assert torch.equal(s1.model.codec.codebook, w1["codec.vq._codebook.embed"][0])
+    assert torch.equal(s2.model.codec.codebook, s1.model.codec.codebook)
     assert bool(s1.model.codec.loaded)
     init = initial_client_weights(cfg)
     assert state_needs_init(cfg, init) and not bool(init["codec.vq._codebook.initted"])
