@@ -35,8 +35,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .common import (  # noqa: E402
-    METHODS, QTYPES, QUICK_BUDGET, SWEEP_BUDGET, SWEEP_CLIENTS, RunSpec, fmt_pm, make_spec, run_grid, setup_logging,
-    summarise, vq_available,
+    METHODS, QTYPES, QUICK_BUDGET, SWEEP_BUDGET, SWEEP_CLIENTS, RunSpec, add_table_row, fmt_pm, make_spec, run_grid,
+    setup_logging, summarise, vq_available,
 )
 
 log = logging.getLogger("experiments.bitsweep")
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             row = {"started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)), "wall_s": round(time.time() - t0, 1),
                    "runs": done[0], "jobs": args.jobs, "argv": " ".join(argv if argv is not None else sys.argv[1:]),
                    "load_1m_at_start": round(load0, 2)}  # other jobs on the machine slow every run down
-            pd.concat([_invocations(inv), pd.DataFrame([row])], ignore_index=True).to_csv(inv, index=False)
+            add_table_row(inv, row)
     if not csv_path.exists():
         print(f"error: no results in {csv_path}", file=sys.stderr)
         return 1

@@ -307,6 +307,15 @@ def append_row(path: Path, row: dict[str, object]) -> None:
         w.writerow({k: row.get(k, "") for k in RESULT_COLUMNS})
 
 
+def add_table_row(path: Path, row: dict[str, object]) -> None:
+    """Add one row to a small log CSV, keeping every earlier row as written (read as text);
+    unlike :func:`append_row` the columns may grow, so the file is rewritten."""
+    table = pd.DataFrame([row])
+    if path.exists():
+        table = pd.concat([pd.read_csv(path, dtype=str), table.astype(str)], ignore_index=True)
+    table.to_csv(path, index=False)
+
+
 def run_grid(specs: list[RunSpec], csv_path: Path, jobs: int, on_row: Callable[[dict], None] | None = None) -> list[str]:
     """Run the specs whose key is not in ``csv_path`` yet, ``jobs`` at a time; append each row as it finishes.
 

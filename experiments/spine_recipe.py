@@ -22,11 +22,11 @@ import os
 import time
 from pathlib import Path
 
-import pandas as pd
-
 from sim.cli import parse_overrides
 from sim.config import SplitConfig
 from sim.reference import evaluate_global, run_reference
+
+from .common import add_table_row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,10 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     row |= {"wall_s": round(wall), "load_1m_at_start": round(load, 2)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    table = pd.DataFrame([row])
-    if out.exists():  # keep earlier rows (older files lack the newer columns)
-        table = pd.concat([pd.read_csv(out, dtype=str), table.astype(str)], ignore_index=True)
-    table.to_csv(out, index=False)
+    add_table_row(out, row)  # earlier rows stay (older files lack the newer columns)
     print(f"{row['overrides']}: final accuracy {res.accuracy[-1]:.3f} "
           f"(per round {[round(a, 3) for a in res.accuracy]}; train {row.get('train_accuracy', '-')}), {wall:.0f} s")
     return 0
