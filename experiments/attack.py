@@ -34,12 +34,12 @@ import torch.nn.functional as F
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from torch import nn
 
-from sim.batches import TokenisedExamples, eval_text, pixels, train_text
 from sim.config import SplitConfig
+from sim.data.batches import TokenisedExamples, eval_text, pixels, train_text
 from sim.model import ClientBatch, ClientModel, build_client_model, client_state, client_state_names, load_client_state
-from sim.schedule import set_lr
-from sim.server_ops import ServerRuntime
-from sim.split_step import answer_loss, first_answer_index, image_split, trainable
+from sim.training.schedule import set_lr
+from sim.training.server import ServerRuntime
+from sim.training.split_step import answer_loss, first_answer_index, image_split, trainable
 
 
 @dataclass(frozen=True)

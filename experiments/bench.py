@@ -53,7 +53,7 @@ WHY_MISSED = {
     "P4": "the rANS coder's per-message header and frequency table do not amortise over so few codes.",
     "P5": "the run with the most SuperNodes exceeded the memory budget (see the P5 table).",
     "P6": "rdfsq and fsq start their encode with the learned D×D projection (the compressor's client half, "
-          "DESIGN §2.3); timed alone, that matmul runs at only a few times FSQ's whole forward on the same tensor "
+          "docs/compressors.md); timed alone, that matmul runs at only a few times FSQ's whole forward on the same tensor "
           "(the 'projection alone' rows of the P6 table), so their encode+pack could reach 5x only if the "
           "statistics, clip/scale/round and packing cost nothing. nf has no projection, but its block min/max, "
           "codebook search and packing (and every decode) are separate eager PyTorch/NumPy passes over the tensor. "

@@ -8,9 +8,9 @@ Each function returns rows ``{figure, setting, repeat, value, ...}`` for
   fixed fp32 tensor ``(B, N, D)`` and divides its MB/s (of fp32 features) by the
   MB/s of ``vector_quantize_pytorch.FSQ`` forward on the same tensor, at the same
   number of levels per dimension, under ``torch.no_grad`` and the same thread count.
-* P2 builds the real uplink ``Message`` of :mod:`sim.protocol` (codes, side info,
+* P2 builds the real uplink ``Message`` of :mod:`sim.wire.messages` (codes, side info,
   token ids) for growing payloads and divides Flower's serialised size
-  (:func:`sim.wire.wire_bytes`) by the information payload.
+  (:func:`sim.wire.arrays.wire_bytes`) by the information payload.
 * P4 entropy-codes trained 2-bit RD-FSQ codes (a short reference training run) with
   :mod:`sim.compress.entropy_coding` and divides the coded bytes by the empirical
   entropy bound ``H * n / 8``; the coding time per sample is reported beside it.
@@ -25,7 +25,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from sim.compress import build_codecs, unpack_bits
+from sim.compress import unpack_bits
 from sim.compress.entropy_coding import empirical_entropy_bits, encoded_nbytes, entropy_decode, entropy_encode
 from sim.config import SplitConfig
 
@@ -61,7 +61,8 @@ def p6_codec_speed(bits: int = 2, shape: tuple[int, int, int] = (64, 64, 128), r
     rows = []
     for method in P6_METHODS:
         cfg = SplitConfig(compressor=method, bits=bits, hidden_size=shape[-1], seed=seed, nf_block=min(64, shape[-1]))
-        client, server = build_codecs(cfg, shape[-1])
+        spec = cfg.codec("image", shape[-1])
+        client, server = spec.client(), spec.server()
         client.eval()
         server.eval()
         with torch.no_grad():
@@ -89,16 +90,17 @@ def p2_wire_efficiency(payload_samples: tuple[int, ...] = (1, 8, 32, 160)) -> li
     """Flower-serialised bytes ÷ information payload for real uplink train replies."""
     from flwr.app import ConfigRecord, Message, RecordDict
 
-    from experiments.common import ensure_task_identity
-    from sim.batches import TextBatch
-    from sim.protocol import UPLINK_INFO
-    from sim.wire import arrays_to_record, concat_payloads, encode_train_text, payload_bytes, wire_bytes
+    from sim.data.batches import TextBatch
+    from sim.training.transport import ensure_task_identity
+    from sim.wire.arrays import arrays_to_record, concat_payloads, payload_bytes, wire_bytes
+    from sim.wire.messages import UPLINK_INFO
+    from sim.wire.text import encode_train_text
 
     ensure_task_identity()  # a Message built outside a Flower run needs placeholder ids
     rows = []
     for method, bits in (("rdfsq", 2), ("identity", 16)):
         cfg = SplitConfig(compressor=method, bits=min(bits, 8) if method == "rdfsq" else 2)
-        client, _ = build_codecs(cfg, cfg.hidden_size)
+        client = cfg.codec("image", cfg.hidden_size).client()
         client.eval()
         rng = np.random.default_rng(0)
         for samples in payload_samples:
@@ -125,8 +127,8 @@ def p2_wire_efficiency(payload_samples: tuple[int, ...] = (1, 8, 32, 160)) -> li
 
 def trained_rdfsq_codes(bits: int = 2, steps: int = 100, batches: int = 8, seed: int = 0) -> np.ndarray:
     """Codes of ``batches`` micro-batches from the client model after a short reference run."""
-    from sim.client_ops import client_runtime, encode_steps, load_weights
-    from sim.reference import run_reference
+    from sim.training.client import client_runtime, encode_steps, load_weights
+    from sim.training.reference import run_reference
 
     cfg = SplitConfig(compressor="rdfsq", bits=bits, num_server_rounds=1, local_steps=steps,
                       warmup_steps=min(100, steps // 4), seed=seed, num_samples=2000)
@@ -135,7 +137,7 @@ def trained_rdfsq_codes(bits: int = 2, steps: int = 100, batches: int = 8, seed:
     load_weights(rt, res.client_weights)
     enc = encode_steps(rt, 2, list(range(batches)))
     n = cfg.batch_size * cfg.num_image_tokens * cfg.hidden_size
-    return np.concatenate([unpack_bits(p["image"].codes["index"], bits, n) for p in enc.payloads]).astype(np.int64)
+    return np.concatenate([unpack_bits(p.image.codes["index"], bits, n) for p in enc.payloads]).astype(np.int64)
 
 
 def p4_entropy_coding(codes: np.ndarray, bits: int, samples: int, repeats: int = 3) -> list[dict]:

@@ -11,8 +11,8 @@ workers). The numbers come from the run directory the command writes:
 * ``summary.json``: samples and bytes.
 
 P1 divides the simulation's training throughput (samples/s) by that of the in-process
-reference trainer (:func:`sim.reference.run_reference`, the same step functions, no
-Flower) on the same config. The reference runs in a subprocess too, so both sides get
+reference trainer (:func:`sim.training.reference.run_reference`: the same round engine with
+the clients called in process instead of through Flower's runtime) on the same config. The reference runs in a subprocess too, so both sides get
 a fresh interpreter and the same torch thread defaults.
 """
 
@@ -32,7 +32,7 @@ import psutil
 REFERENCE_SNIPPET = """
 import json, sys
 from sim.config import SplitConfig
-from sim.reference import run_reference
+from sim.training.reference import run_reference
 cfg = SplitConfig.from_run_config(json.loads(sys.argv[1]))
 res = run_reference(cfg, int(sys.argv[2]), evaluate_rounds=False)
 print(json.dumps({"samples": res.samples, "train_s": res.train_s}))

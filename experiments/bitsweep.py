@@ -1,4 +1,4 @@
-"""Bit sweep: accuracy and bytes of every compressor at b = 1..5 (paper 000, Figure 3 and Tables 3-4).
+"""Bit sweep: accuracy and bytes of every compressor at b = 1..5 (Quantized-TinyLLaVA, arXiv 2511.23402, Figure 3 and Tables 3-4).
 
 ``python -m experiments.bitsweep`` trains one split model per (method, bits, seed) with the
 in-process reference trainer at a fixed sample budget (:data:`experiments.common.SWEEP_BUDGET`),
@@ -34,39 +34,75 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from sim.compress import get_codec  # noqa: E402
+
 from .common import (  # noqa: E402
-    METHODS, QTYPES, QUICK_BUDGET, SWEEP_BUDGET, SWEEP_CLIENTS, RunSpec, add_table_row, fmt_pm, make_spec, run_grid,
-    setup_logging, summarise, vq_available,
+    QTYPES,
+    QUICK_BUDGET,
+    SWEEP_BUDGET,
+    SWEEP_CLIENTS,
+    RunSpec,
+    add_table_row,
+    fmt_pm,
+    make_spec,
+    methods,
+    run_grid,
+    setup_logging,
+    summarise,
 )
 
 log = logging.getLogger("experiments.bitsweep")
 
 RESULTS = Path("experiments/results")
-SCALAR_METHODS = ("fsq", "rdfsq", "nf", "topk")  # b bits per feature value
 FULL_BITS = (1, 2, 3, 4, 5)
 HELDOUT_BITS = (2, 4)
 # vq sends one index of b bits per token (not per value): with D = 128 fp16 features per token
-# the feature ratio is 2048 / b, so b = 2 is the only width here at >= 1000x (paper 003: 1365x
-# at b = 12 with D = 1024); 6 and 10 bits give 341x and 205x.
-VQ_BITS = (2, 6, 10)
+# the feature ratio is 2048 / b, so b = 2 is the only width here at >= 1000x (LLaVA-AlignedVQ,
+# arXiv 2411.05961: 1365x at b = 12 with D = 1024); 6 and 10 bits give 341x and 205x.
+VQ_BITS = (2, 6, 10)  # the widths of every codec whose bits count per token
 SEEDS = (0, 1, 2)
 STYLE = {
     "identity": ("k", "s"), "fsq": ("tab:blue", "o"), "rdfsq": ("tab:red", "D"), "nf": ("tab:green", "^"),
     "topk": ("tab:purple", "v"), "vq": ("tab:orange", "*"),
 }
+OTHER_STYLES = (("tab:brown", "P"), ("tab:pink", "X"), ("tab:olive", "h"), ("tab:cyan", "p"), ("tab:gray", "8"))
+
+
+def style(method: str) -> tuple[str, str]:
+    """Colour and marker of a method (a codec added later gets one of :data:`OTHER_STYLES`)."""
+    if method in STYLE:
+        return STYLE[method]
+    others = [m for m in methods() if m not in STYLE]
+    return OTHER_STYLES[others.index(method) % len(OTHER_STYLES)] if method in others else ("gray", "o")
+
+
+def value_methods() -> list[str]:
+    """The methods whose ``bits`` count per feature value (the accuracy-vs-bits curves)."""
+    return [m for m in methods() if get_codec(m).bit_unit == "value"]
+
+
+def method_bits(method: str, bits: list[int], token_bits: list[int]) -> list[int]:
+    """The widths a method is swept at: ``bits`` per value (within its range), ``token_bits``
+    per token, or its fixed width (16)."""
+    codec = get_codec(method)
+    if codec.bit_unit is None:
+        return [16]
+    lo, hi = codec.bit_range
+    return [b for b in (token_bits if codec.bit_unit == "token" else bits) if lo <= b <= hi]
 
 
 # Run first, for every seed: what the claims in docs/results.md compare (identity, the RD-FSQ
 # curve, every method at 2 bits, vq at its smallest width); then the rest of the grid.
 def _first(method: str, b: int, vq_bits: list[int]) -> bool:
-    return method == "identity" or method == "rdfsq" or b == 2 or (method == "vq" and b == min(vq_bits))
+    unit = get_codec(method).bit_unit
+    return unit is None or method == "rdfsq" or b == 2 or (unit == "token" and b == min(vq_bits))
 
 
 def build_grid(methods: list[str], bits: list[int], vq_bits: list[int], seeds: list[int], clients: int,
                base: dict[str, object], dataset: str) -> list[RunSpec]:
     """The claim-critical configurations for all seeds first, then the rest; seed-major within
     each part, so an interrupted sweep has seed spreads where the claims need them."""
-    cells = [(m, b) for m in methods for b in ([16] if m == "identity" else vq_bits if m == "vq" else bits)]
+    cells = [(m, b) for m in methods for b in method_bits(m, bits, vq_bits)]
     order = [c for c in cells if _first(*c, vq_bits)] + [c for c in cells if not _first(*c, vq_bits)]
     parts = (order[: sum(_first(*c, vq_bits) for c in cells)], order[sum(_first(*c, vq_bits) for c in cells):])
     return [make_spec(dataset, m, b, seed, clients, base) for part in parts for seed in seeds for m, b in part]
@@ -74,7 +110,7 @@ def build_grid(methods: list[str], bits: list[int], vq_bits: list[int], seeds: l
 
 # ------------------------------------------------------------------ report
 def _errorbar(ax, x, g, col: str, method: str, label: str | None, **kw) -> None:
-    color, marker = STYLE.get(method, ("gray", "o"))
+    color, marker = style(method)
     ax.errorbar(x, 100 * g[f"{col}_mean"], yerr=100 * g[f"{col}_std"].fillna(0), color=color, marker=marker,
                 capsize=3, label=label, **kw)
 
@@ -91,13 +127,13 @@ def plot_accuracy_vs_bits(summary: pd.DataFrame, path: Path, title: str) -> None
             m, s = 100 * ident[f"{col}_mean"].iloc[0], 100 * (ident[f"{col}_std"].fillna(0).iloc[0])
             ax.axhline(m, color="k", ls="--", lw=1, label="identity fp16 (16 bits)")
             ax.axhspan(m - s, m + s, color="k", alpha=0.12)
-        for method in SCALAR_METHODS:
+        for method in value_methods():
             g = summary[summary.method == method].sort_values("bits")
             if len(g):
                 _errorbar(ax, g.bits, g, col, method, method)
         ax.set(xlabel="bits per feature value b", ylabel="exact match (%)", title=sub)
         ax.set_ylim(bottom=0)
-        ax.set_xticks(sorted(summary[summary.method.isin(SCALAR_METHODS)].bits.unique()))
+        ax.set_xticks(sorted(summary[summary.method.isin(value_methods())].bits.unique()))
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title + " (mean ± std over seeds; vq is in the Pareto plot: its b is per token)", fontsize=9)
@@ -120,11 +156,11 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 def plot_pareto(summary: pd.DataFrame, path: Path, title: str) -> None:
     """Exact match against uplink bytes per training sample (whole reply message), with the Pareto front."""
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for method in METHODS:
+    for method in methods():
         g = summary[summary.method == method].sort_values("bits")
         if not len(g):
             continue
-        color, marker = STYLE[method]
+        color, marker = style(method)
         ax.errorbar(g.up_wire_bytes_per_sample, 100 * g.acc_mean, yerr=100 * g.acc_std.fillna(0), ls="none",
                     color=color, marker=marker, capsize=3, label=method)
         for x, y, b in zip(g.up_wire_bytes_per_sample, 100 * g.acc_mean, g.bits):
@@ -150,7 +186,7 @@ def _invocations(path: Path) -> pd.DataFrame:
 def write_report(df: pd.DataFrame, out: Path, name: str, command: str, budget: dict, clients: int,
                  errors: list[str]) -> pd.DataFrame:
     summary = summarise(df)
-    summary = summary.assign(_m=summary.method.map(METHODS.index)).sort_values(["_m", "bits"]).drop(columns="_m")
+    summary = summary.assign(_m=summary.method.map(methods().index)).sort_values(["_m", "bits"]).drop(columns="_m")
     title = f"{name}: {df.dataset.iloc[0]}"
     plot_accuracy_vs_bits(summary, out / f"{name}_accuracy_vs_bits.png", title)
     plot_pareto(summary, out / f"{name}_pareto.png", title)
@@ -170,7 +206,7 @@ def write_report(df: pd.DataFrame, out: Path, name: str, command: str, budget: d
         "* accuracy: greedy exact match on every client's local test split (mean ± sample std over seeds, in %).",
         "* bytes per training sample: measured on the real `train.split_step` messages (reply: codes + side "
         "information + token ids; request: gradients, fp32 unless `grad-compressor` is set), not from formulas. "
-        "`ratio` = identity fp16 feature bytes / this method's feature bytes (paper 000's definition, "
+        "`ratio` = identity fp16 feature bytes / this method's feature bytes (Quantized-TinyLLaVA's definition, "
         "side information included); `wire ratio` the same for the whole uplink message.",
         "* `vq`: b is the bits of one codebook index per token (codebook of 2^b entries), not per value.",
     ]
@@ -217,9 +253,9 @@ def _ints(s: str) -> list[int]:
 
 def _methods(s: str) -> list[str]:
     out = [m.strip() for m in s.split(",") if m.strip()]
-    bad = [m for m in out if m not in METHODS]
+    bad = [m for m in out if m not in methods()]
     if bad:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {bad}; valid: {', '.join(METHODS)}")
+        raise argparse.ArgumentTypeError(f"unknown method(s) {bad}; valid: {', '.join(methods())}")
     return out
 
 
@@ -227,9 +263,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m experiments.bitsweep", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke version: tiny model, a few steps, 2 seeds, b in {1, 2}")
     p.add_argument("--data-path", help="LLaVA-format JSON dataset (held-out real data); default: the synthetic benchmark")
-    p.add_argument("--methods", type=_methods, default=list(METHODS), help="comma-separated, default all")
-    p.add_argument("--bits", type=_ints, help="bits per value for fsq/rdfsq/nf/topk (default 1..5; 2,4 with --data-path)")
-    p.add_argument("--vq-bits", type=_ints, help=f"bits per token index for vq (default {','.join(map(str, VQ_BITS))})")
+    p.add_argument("--methods", type=_methods, default=None,
+                   help="comma-separated, default every registered codec that serves the image stream")
+    p.add_argument("--bits", type=_ints, help="bits per value for the codecs whose bits count per value "
+                   "(default 1..5; 2,4 with --data-path)")
+    p.add_argument("--vq-bits", type=_ints, help="bits per token for the codecs whose bits count per token, e.g. vq "
+                   f"(default {','.join(map(str, VQ_BITS))})")
     p.add_argument("--seeds", type=_ints, help="default 0,1,2 (0,1 with --quick)")
     p.add_argument("--clients", type=int, default=SWEEP_CLIENTS)
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel processes (one torch thread each)")
@@ -257,17 +296,12 @@ def main(argv: list[str] | None = None) -> int:
     bits = args.bits or ([1, 2] if args.quick else list(HELDOUT_BITS if args.data_path else FULL_BITS))
     vq_bits = args.vq_bits or ([2] if args.quick else list(VQ_BITS[:1] if args.data_path else VQ_BITS))
     seeds = args.seeds or ([0, 1] if args.quick else list(SEEDS))
-    methods = list(args.methods)
     errors: list[str] = []
-    if "vq" in methods and (why := vq_available()):
-        log.warning("vq left out of the sweep: %s", why)
-        errors.append(f"vq not run: {why}")
-        methods.remove("vq")
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / f"{name}.csv"
     shown = [a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--report-only", "-v", "--verbose")]
     command = " ".join(["python -m experiments.bitsweep", *shown])  # the sweep, even when only the report is rebuilt
-    specs = build_grid(methods, bits, vq_bits, seeds, args.clients, base, dataset)
+    specs = build_grid(list(args.methods or methods()), bits, vq_bits, seeds, args.clients, base, dataset)
     if not args.report_only:
         t0, load0 = time.time(), os.getloadavg()[0]
         done = [0]

@@ -31,7 +31,7 @@ SWEEP_CMD = "python -m experiments.bitsweep"
 HELDOUT_CMD = "python -m experiments.make_heldout && python -m experiments.bitsweep --data-path runs/heldout/pathology/data.json"
 ENTROPY_CMD = "python -m experiments.entropy"
 COMM_CMD = "python -m experiments.comm"
-PAPER_VQ_MAX_DROP = 0.0223  # paper 003: within -2.23% .. +1.6% of the original model
+PAPER_VQ_MAX_DROP = 0.0223  # LLaVA-AlignedVQ: within -2.23% .. +1.6% of the original model
 
 
 @dataclass
@@ -94,7 +94,7 @@ def acc(r: pd.Series) -> str:
 
 # ------------------------------------------------------------------ the claims
 def rdfsq_beats_fsq(s: pd.DataFrame, label: str, command: str) -> Verdict:
-    claim = "RD-FSQ beats FSQ at 2 bits (paper 000, Fig. 3, Table 3)"
+    claim = "RD-FSQ beats FSQ at 2 bits (Quantized-TinyLLaVA, arXiv 2511.23402, Fig. 3, Table 3)"
     a, b = _row(s, "rdfsq", 2), _row(s, "fsq", 2)
     if a is None or b is None:
         return Verdict(claim, label, "–", "undetermined", command, "rdfsq or fsq at b = 2 missing")
@@ -107,7 +107,7 @@ def rdfsq_beats_fsq(s: pd.DataFrame, label: str, command: str) -> Verdict:
 
 
 def optimum_bits(s: pd.DataFrame, entropy: dict | None, label: str, command: str) -> Verdict:
-    claim = "RD-FSQ's optimum sits at 2–3 bits, consistent with the entropy estimate (paper 000, §4.2.1, Table 2, Fig. 3)"
+    claim = "RD-FSQ's optimum sits at 2–3 bits, consistent with the entropy estimate (Quantized-TinyLLaVA, arXiv 2511.23402, §4.2.1, Table 2, Fig. 3)"
     g = s[s.method == "rdfsq"].sort_values("bits") if not s.empty else s
     if len(g) < 3:
         return Verdict(claim, label, "–", "undetermined", command, "rdfsq needs at least 3 bit widths")
@@ -135,7 +135,7 @@ def optimum_bits(s: pd.DataFrame, entropy: dict | None, label: str, command: str
 
 
 def topk_worst(s: pd.DataFrame, label: str, command: str) -> Verdict:
-    claim = "Top-K sparsification is the worst method at equal compression (paper 000, Tables 3–4)"
+    claim = "Top-K sparsification is the worst method at equal compression (Quantized-TinyLLaVA, arXiv 2511.23402, Tables 3–4)"
     if s.empty or not (s.method == "topk").any():
         return Verdict(claim, label, "–", "undetermined", command, "no topk results")
     others = ("fsq", "rdfsq", "nf")
@@ -162,7 +162,7 @@ def topk_worst(s: pd.DataFrame, label: str, command: str) -> Verdict:
 
 
 def uplink_reduction(s: pd.DataFrame, comm: pd.DataFrame, label: str) -> Verdict:
-    claim = "2-bit codes cut the uplink by 87.5% against fp16 (paper 000, Table 1: 16/b = 8×)"
+    claim = "2-bit codes cut the uplink by 87.5% against fp16 (Quantized-TinyLLaVA, arXiv 2511.23402, Table 1: 16/b = 8×)"
     a, i = _row(s, "rdfsq", 2), _identity(s)
     if a is None or i is None:
         return Verdict(claim, label, "–", "undetermined", SWEEP_CMD, "rdfsq b=2 or identity missing")
@@ -182,7 +182,7 @@ def uplink_reduction(s: pd.DataFrame, comm: pd.DataFrame, label: str) -> Verdict
             command += " and " + COMM_CMD
     verdict = "reproduced" if feat >= 0.875 - 1e-9 else "partly" if wire > 0.8 else "not reproduced"
     detail = ("bytes are deterministic (no seed spread). The claim holds for the features; the downlink gradients "
-              "(fp32, uncompressed, as in the seed code) are untouched, so the total traffic falls far less.")
+              "(fp32, uncompressed, as in Quantized-TinyLLaVA's public code) are untouched, so the total traffic falls far less.")
     return Verdict(claim, label, number, verdict, command, detail)
 
 
@@ -194,7 +194,7 @@ def vq_ratio(s: pd.DataFrame, label: str, command: str) -> Verdict:
     than 2 std (else identity is no upper bound and flatters vq: ``partly``); ``not
     reproduced`` if the drop is larger and exceeds 2 std; ``undetermined`` if it is larger
     but within 2 std (too noisy to say); ``not reproduced`` if no width reaches 1000x."""
-    claim = "VQ reaches ≥ 1000× compression at a small accuracy cost (paper 003: 1365×, −2.23 … +1.6%)"
+    claim = "VQ reaches ≥ 1000× compression at a small accuracy cost (LLaVA-AlignedVQ: 1365×, −2.23 … +1.6%)"
     i = _identity(s)
     g = s[s.method == "vq"].sort_values("bits") if not s.empty else s
     if i is None or g.empty:
@@ -241,7 +241,7 @@ def accuracy_beside_jpeg(runs: pd.DataFrame, cloud: pd.DataFrame) -> str:
 
 def vq_vs_jpeg(inference: pd.DataFrame, jpeg: pd.DataFrame, runs: pd.DataFrame | None = None,
                cloud: pd.DataFrame | None = None) -> Verdict:
-    claim = "AlignedVQ sends 96.8% fewer bytes per image than JPEG-90 (paper 003, Table 3)"
+    claim = "AlignedVQ sends 96.8% fewer bytes per image than JPEG-90 (LLaVA-AlignedVQ, arXiv 2411.05961, Table 3)"
     if inference.empty or jpeg.empty or not (inference.method == "vq").any():
         return Verdict(claim, "benchmark images", "–", "undetermined", COMM_CMD, "no vq inference or JPEG results")
     bench = jpeg[jpeg.images.str.startswith("benchmark") & (jpeg.format == "JPEG-90")]
@@ -322,7 +322,7 @@ def write(verdicts: list[Verdict], results: Results, path: Path, command: str) -
         "# Results: the seed papers' claims on our benchmark",
         "",
         f"Generated by `{command}` from the files in `{results.folder}` (each made by the command in the table); "
-        "do not edit by hand. Papers: 000 = Quantized-TinyLLaVA (RD-FSQ), 003 = LLaVA-AlignedVQ.",
+        "do not edit by hand. Papers: Quantized-TinyLLaVA (RD-FSQ; arXiv 2511.23402), LLaVA-AlignedVQ (arXiv 2411.05961).",
         "",
         "Rule: an accuracy difference counts only if it exceeds 2 std, std being the larger of the identity "
         "baseline's seed std and the compared configurations' seed stds on the same dataset. Byte counts are "

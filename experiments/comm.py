@@ -8,7 +8,7 @@
    ledger (one row per message, bytes as Flower serialised them) gives the bytes of the
    whole run by direction and message kind, per training sample, and the simulated time
    of every exchange at 0.25, 0.5, 1, 2 and 4 Mbit/s (``rtt + bytes * 8 / bandwidth``
-   per client, the slowest client per exchange, :class:`sim.ledger.NetworkModel`).
+   per client, the slowest client per exchange, :class:`sim.wire.ledger.NetworkModel`).
 2. **Per inference sample.** The ``evaluate.split_infer`` reply of one client, built by
    the real handler: the codes of one image plus its question's token ids (the answer
    ids and question types in that reply are only there for scoring).
@@ -49,8 +49,12 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from .common import (  # noqa: E402
-    QUICK_BUDGET, SWEEP_BUDGET, SWEEP_CLIENTS, ensure_task_identity, method_overrides, ready_runtimes, setup_logging,
-    vq_available,
+    QUICK_BUDGET,
+    SWEEP_BUDGET,
+    SWEEP_CLIENTS,
+    method_overrides,
+    ready_runtimes,
+    setup_logging,
 )
 
 log = logging.getLogger("experiments.comm")
@@ -59,8 +63,8 @@ BANDWIDTHS_MBPS = (0.25, 0.5, 1.0, 2.0, 4.0)
 DEFAULT_METHODS = "identity:16,rdfsq:2,topk:2,vq:2"
 QUICK_METHODS = "identity:16,rdfsq:2"
 JPEG_QUALITIES = (10, 90)
-PAPER_IMAGE_SIZE = 336  # CLIP ViT-L/336 input of LLaVA-1.5 (paper 003, section 4.3)
-PAPER_TOKENS, PAPER_DIM, PAPER_VQ_BITS = 577, 1024, 12  # paper 003 Table 3: features (1, 577, 1024), 2^12 codes
+PAPER_IMAGE_SIZE = 336  # CLIP ViT-L/336 input of LLaVA-1.5 (LLaVA-AlignedVQ, arXiv 2411.05961, section 4.3)
+PAPER_TOKENS, PAPER_DIM, PAPER_VQ_BITS = 577, 1024, 12  # LLaVA-AlignedVQ Table 3: features (1, 577, 1024), 2^12 codes
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "hubble_deep_field")
 
 
@@ -102,7 +106,7 @@ def flower_run(method: str, bits: int, base: dict, clients: int, runs: Path) -> 
 
 def exchange_seconds(ledger: pd.DataFrame, bandwidth_mbps: float, rtt_ms: float) -> pd.Series:
     """Simulated seconds of every exchange: per client ``rtt + bytes*8/bw`` (both directions), slowest client."""
-    from sim.ledger import NetworkModel
+    from sim.wire.ledger import NetworkModel
 
     net = NetworkModel(bandwidth_mbps, rtt_ms)
     per_node = ledger.groupby(["kind", "round", "exchange", "node"]).wire_bytes.sum()
@@ -155,8 +159,11 @@ def inference_bytes(cfg, clients: int) -> dict:
     """Bytes of one inference sample, from the real ``evaluate.split_infer`` reply of partition 0."""
     from flwr.app import Message, RecordDict
 
-    from sim.protocol import EVALUATE, NodeIdentity, client_evaluate, eval_request
-    from sim.wire import payload_bytes, record_to_arrays, wire_bytes
+    from sim.training.client_handlers import client_evaluate
+    from sim.training.node import NodeIdentity
+    from sim.training.transport import ensure_task_identity
+    from sim.wire.arrays import payload_bytes, record_to_arrays, wire_bytes
+    from sim.wire.messages import EVALUATE, eval_request
 
     ensure_task_identity()
     _, _, weights = ready_runtimes(cfg, clients)
@@ -187,7 +194,8 @@ def _per_sample_seconds(fn, reps: int) -> float:
 def compute_seconds(cfg, clients: int, batch: int = 32, reps: int = 7) -> dict:
     """Per-sample compute on this CPU: client encode + pack (edge); server unpack, decode and, for a
     split inside the vision tower, its remaining blocks and the connector (cloud, up to the LLM)."""
-    from sim.batches import pixels
+    from sim.compress.streams import Streams
+    from sim.data.batches import pixels
 
     rt, server, _ = ready_runtimes(cfg, clients)
     rt.model.eval()
@@ -197,7 +205,7 @@ def compute_seconds(cfg, clients: int, batch: int = 32, reps: int = 7) -> dict:
     shape = (batch, server.tokens, server.dim)
     edge = _per_sample_seconds(lambda: rt.model.codec.pack(rt.model(px)), reps) / batch
     cloud = _per_sample_seconds(
-        lambda: server.model.image_embeds({"image": server.model.codec.unpack(payload, shape)}), reps) / batch
+        lambda: server.model.image_embeds(Streams(server.model.codec.unpack(payload, shape))), reps) / batch
     server.model.train()
     rt.model.train()
     return {"edge_s": edge, "cloud_s": cloud}
@@ -229,9 +237,9 @@ def photos_336() -> dict[str, np.ndarray]:
 @torch.no_grad()
 def jpeg_table(cfg, clients: int, n_images: int = 256, reps: int = 7) -> tuple[list[dict], dict]:
     """JPEG bytes of the benchmark's images and of 336x336 photos; cloud-only compute per sample."""
-    from sim.batches import pixels
-    from sim.client_ops import client_runtime
     from sim.compress import pack_bits
+    from sim.data.batches import pixels
+    from sim.training.client import client_runtime
 
     rows = []
     rt = client_runtime(cfg.replace(compressor="identity", bits=16), 0, clients)
@@ -285,9 +293,9 @@ def jpeg_images(images: torch.Tensor, quality: int) -> tuple[torch.Tensor, np.nd
 def jpeg_accuracy(run_dir: Path, clients: int) -> list[dict]:
     """Cloud-only accuracy (:func:`cloud_only_accuracy`) of the final model of the finished
     identity run in ``run_dir`` (its ``checkpoint.pt``)."""
-    from sim.checkpoint import load_checkpoint
     from sim.config import SplitConfig
-    from sim.server_ops import build_server
+    from sim.run.checkpoint import load_checkpoint
+    from sim.training.server import build_server
 
     ckpt = load_checkpoint(run_dir)
     cfg = SplitConfig.from_run_config(ckpt.config)
@@ -303,12 +311,12 @@ def cloud_only_accuracy(cfg, server, client_weights: dict, clients: int, rnd: in
     as JPEG-10 / JPEG-90 (decoded in the cloud).
 
     With an fp16 identity split, client half + server half is the whole model, so this is the
-    cloud-only baseline of paper 003 on our benchmark: the model the cloud would run, fed the
+    cloud-only baseline of LLaVA-AlignedVQ (arXiv 2411.05961) on our benchmark: the model the cloud would run, fed the
     images a cloud-only deployment would receive. The model is not retrained on JPEG images
     (neither is the paper's). The raw row equals the run's own final accuracy."""
-    from sim.client_ops import client_runtime
-    from sim.reference import evaluate_global
-    from sim.server_ops import sync_round_state
+    from sim.training.client import client_runtime
+    from sim.training.reference import evaluate_global
+    from sim.training.server import sync_round_state
 
     if cfg.compressor != "identity":
         raise ValueError(f"the cloud-only baseline needs an identity model, not {cfg.compressor}")
@@ -393,11 +401,11 @@ def write_report(out: Path, runs: pd.DataFrame, lat: pd.DataFrame, inf: pd.DataF
     for _, r in inf.iterrows():
         lines.append(f"| {r.method} | {r.bits} | {r.feature_bytes:,.1f} | {r.question_bytes:.1f} | "
                      f"{r.inference_up_bytes:,.1f} | {r.eval_reply_wire_bytes_per_sample:,.1f} |")
-    lines += ["", "## Cloud-only with JPEG images (paper 003, Table 3)", "",
+    lines += ["", "## Cloud-only with JPEG images (LLaVA-AlignedVQ, Table 3)", "",
               "| images | format | bytes (mean ± std) | n |", "|---|---|---|---|"]
     for _, r in jpeg.iterrows():
         lines.append(f"| {r.images} | {r.format} | {r.bytes_mean:,.1f} ± {r.bytes_std:,.1f} | {r.n} |")
-    lines += ["", "Paper 003 reports 26.47 KB (JPEG-90) and 4.14 KB (JPEG-10) per 336x336 VQA-v2 image and 0.845 KB "
+    lines += ["", "LLaVA-AlignedVQ reports 26.47 KB (JPEG-90) and 4.14 KB (JPEG-10) per 336x336 VQA-v2 image and 0.845 KB "
                   "for AlignedVQ's 577 12-bit indices.", ""]
     if len(jpeg_acc):
         lines += ["Accuracy of the cloud-only baseline: the identity run's final model (client half + server half = "
@@ -412,7 +420,7 @@ def write_report(out: Path, runs: pd.DataFrame, lat: pd.DataFrame, inf: pd.DataF
             b = feature_b.get(f"{r.method} b={r.bits}", float("nan"))
             lines.append(f"| split {r.method} b={r.bits} | {b:,.1f} (features) | {100 * r.accuracy:.1f} | |")
         lines.append("")
-    lines += ["## Latency per inference sample (paper 003, Figure 6)", "",
+    lines += ["## Latency per inference sample (LLaVA-AlignedVQ, Figure 6)", "",
               "Edge compute + uplink transmission (`bytes * 8 / bandwidth`, no RTT) + cloud compute up to the LLM, "
               "compute measured on this CPU with one thread, fastest of 7 repetitions (the least disturbed by other "
               "jobs; the paper: a Jetson edge and an A100 cloud). Split: edge = the client half and packing, "
@@ -451,9 +459,6 @@ def main(argv: list[str] | None = None) -> int:
     base = dict(QUICK_BUDGET if args.quick else SWEEP_BUDGET)
     methods = args.methods or parse_methods(QUICK_METHODS if args.quick else DEFAULT_METHODS)
     notes = []
-    if any(m == "vq" for m, _ in methods) and (why := vq_available()):
-        notes.append(f"vq left out: {why}")
-        methods = [(m, b) for m, b in methods if m != "vq"]
     run_rows, lat_rows, inf_rows = [], [], []
     failed = []
     for method, bits in methods:

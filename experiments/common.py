@@ -4,17 +4,16 @@ resumable results CSV, mean ± std summaries.
 One sweep run (:func:`run_one`)::
 
     RunSpec (base budget + method, bits, seed) -> SplitConfig
-      --sim.reference.run_reference-->  final client weights, exact match per question type
-      --round 1, exchanges 0 and 1 replayed through sim.protocol with those weights-->
-        the real ``train.split_step`` request and reply records
-      --sim.wire.wire_bytes / payload_bytes--> bytes per training sample, up and down
+      --sim.training.reference.run_reference-->  final client weights, exact match per question type,
+                                                  and the ledger of every message of the run
+      --the ledger rows of round 1, partition 0: exchange 0's reply, exchange 1's request-->
+        bytes per training sample, up and down, as Flower serialises them
 
-The in-process reference trainer walks the exact schedule of the Flower strategy
-(``tests/test_simulation.py`` checks they agree step by step) and is several times
-faster than the Ray simulation, so the sweeps use it; the bytes come from the same
-message builders and handlers the ClientApp and strategy use, wrapped in a Flower
-``Message`` and measured as Flower serialises it. ``experiments.comm`` checks these
-per-sample numbers against the ledger of real Flower runs.
+The reference trainer is the round engine of the Flower strategy run in process
+(``tests/test_simulation.py`` checks the two give the same losses), faster than the Ray
+simulation, so the sweeps use it; its ledger counts the same messages the Flower run
+sends. ``experiments.comm`` checks these per-sample numbers against the ledger of real
+Flower runs.
 """
 
 from __future__ import annotations
@@ -78,32 +77,32 @@ QUICK_BUDGET: dict[str, object] = {
     "patch-size": 4,
 }
 
-METHODS = ("identity", "fsq", "rdfsq", "nf", "topk", "vq")
-IDENTITY_BITS = 16  # the identity baseline sends fp16 (identity-dtype=fp16)
-VQ_SPLIT = "vit-ln1:0"
+IDENTITY_BITS = 16  # a codec whose width is its dtype's (identity: fp16) is labelled with 16 bits
+
+
+def methods() -> tuple[str, ...]:
+    """The compared methods: every registered codec that can serve the image stream, the
+    fp16 baseline first."""
+    from sim.compress import codec_names
+
+    names = codec_names("image")
+    return tuple(sorted(names, key=lambda n: (n != "identity", n)))
 
 
 def method_overrides(method: str, bits: int) -> dict[str, object]:
-    """Run-config keys that select ``method`` at ``bits`` (identity: fp16, ``bits`` is ignored)."""
-    if method == "identity":
-        return {"compressor": "identity", "identity-dtype": "fp16", "bits": IDENTITY_BITS}
-    if method == "vq":  # AlignedVQ (paper 003): after LayerNorm 1 of ViT block 0, residual rebuilt from the codes
-        return {"compressor": "vq", "bits": bits, "split-point": VQ_SPLIT, "residual-mode": "rebuild"}
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-    return {"compressor": method, "bits": bits, "split-point": "connector"}
+    """Run-config keys that select ``method`` at ``bits``: the codec, its width (fixed at
+    :data:`IDENTITY_BITS` for a codec without one), the connector split for a codec whose
+    width is swept, and whatever its module asks for comparisons (``Codec.sweep``: e.g.
+    AlignedVQ's split after LayerNorm 1 of ViT block 0)."""
+    from sim.compress import get_codec
 
-
-def vq_available() -> str | None:
-    """None if ``compressor=vq`` can be configured and built, else the reason why not."""
-    from sim.compress import names
-    from sim.config import COMPRESSORS
-
-    if "vq" not in COMPRESSORS:
-        return "compressor 'vq' is not a valid value of the config key 'compressor' (sim/config.py) yet"
-    if "vq" not in names():
-        return "compressor 'vq' is not registered in sim.compress yet"
-    return None
+    if method not in methods():
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(methods())}")
+    codec = get_codec(method)
+    out: dict[str, object] = {"compressor": method, "bits": bits if codec.bit_unit else IDENTITY_BITS}
+    if codec.bit_unit and "split-point" not in codec.sweep:
+        out["split-point"] = "connector"
+    return {**out, **codec.sweep}
 
 
 # ------------------------------------------------------------------ one run
@@ -136,8 +135,7 @@ class RunSpec:
 
 def make_spec(dataset: str, method: str, bits: int, seed: int, clients: int, base: dict[str, object]) -> RunSpec:
     cfg = {**base, **method_overrides(method, bits), "seed": seed}
-    return RunSpec(dataset, method, IDENTITY_BITS if method == "identity" else bits, seed, clients,
-                   tuple(sorted(cfg.items())))
+    return RunSpec(dataset, method, int(cfg["bits"]), seed, clients, tuple(sorted(cfg.items())))
 
 
 @dataclass(frozen=True)
@@ -161,67 +159,47 @@ class ExchangeBytes:
     round_start_wire: int
 
 
-def ensure_task_identity() -> None:
-    """Flower stamps run/task/node ids into every Message; outside a run they are unset.
-
-    Set placeholders (1) for the unset ones so that messages can be built and measured
-    here; they are small integers in the metadata, as in a real run."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr in ("run_id", "task_id", "node_id"):
-        try:
-            getattr(TaskIdentity, attr)
-        except RuntimeError:
-            setattr(TaskIdentity, attr, 1)
-
-
-def measure_exchange_bytes(cfg, clients: int, weights: dict, server=None) -> ExchangeBytes:
-    """Replay exchanges 0 and 1 of round 1 for partition 0 through the real protocol.
-
-    Exchange 0's request carries ``weights`` and the config; its reply the codes of the
-    first ``steps-per-exchange`` micro-batches. ``server`` (the trained one, or a fresh
-    one given the synced codec state of ``weights``) runs its steps on them and exchange
-    1's request carries those gradients."""
+def exchange_bytes(cfg, ledger, weights: dict) -> ExchangeBytes:
+    """The bytes of partition 0's first exchanges of round 1, from a run's own ledger:
+    exchange 0's reply (the codes of the first ``steps-per-exchange`` micro-batches) and
+    exchange 1's request (their gradients), per training sample; and a round's first
+    request (the global client weights and the config) built with the final ``weights``:
+    Flower sends each distinct chunk of a message once, so the initial weights' repeated
+    values (zero biases, unit norms) make round 1's first request smaller than later ones."""
     from flwr.app import Message
 
-    from sim.protocol import DOWNLINK_INFO, TRAIN, UPLINK_INFO, NodeIdentity, client_train, parse_train_reply, train_request
-    from sim.server_ops import build_server, exchange_schedule, server_steps, sync_round_state
-    from sim.wire import payload_bytes, wire_bytes
+    from sim.training.server import exchange_schedule
+    from sim.training.transport import ensure_task_identity
+    from sim.wire.arrays import wire_bytes
+    from sim.wire.messages import TRAIN, train_request
 
+    batch_size, steps_per_exchange = cfg.batch_size, cfg.steps_per_exchange
+    def row(exchange: int, direction: str):
+        rows = [r for r in ledger.rows if (r.round, r.exchange, r.partition, r.direction, r.kind)
+                == (1, exchange, 0, direction, "train.split_step")]
+        if len(rows) != 1:
+            raise ValueError(f"the ledger has {len(rows)} rows for round 1, exchange {exchange}, partition 0, {direction}")
+        return rows[0]
+
+    up, down = row(0, "up"), row(1, "down")
+    n = steps_per_exchange * batch_size
+    if up.samples != n:
+        raise ValueError(f"exchange 0 carries {up.samples} samples, expected {n}")
     ensure_task_identity()
-    if server is None:
-        server = build_server(cfg)
-        weights = sync_round_state(server, weights)
-    schedule = exchange_schedule(cfg)
-    (apply0, enc0), (apply1, enc1) = schedule[0], schedule[1]
-    req0 = train_request(cfg, 1, 0, apply0, enc0, False, weights=weights)
-    rep0 = client_train(req0, _record_dict(), NodeIdentity(0, clients))
-    up = parse_train_reply(rep0, cfg, server.model.codec, server.tokens, server.dim, server.vocab_size,
-                           server.pad_id, len(enc0), False)
-    _, grads = server_steps(server, 1, enc0, [up.y_hats], [up.texts])
-    req1 = train_request(cfg, 1, 1, apply1, enc1, len(schedule) == 2, grads=grads[0])
-    n = len(enc0) * cfg.batch_size
-
-    def wire(content) -> int:
-        return wire_bytes(Message(content, dst_node_id=1, message_type=TRAIN))
-
+    apply, encode = exchange_schedule(cfg)[0]
+    start = Message(train_request(cfg, 1, 0, apply, encode, False, weights=weights), dst_node_id=1, message_type=TRAIN)
     return ExchangeBytes(
-        samples=n,
-        feature=payload_bytes(rep0, ("features",)) / n,
-        up_payload=payload_bytes(rep0, UPLINK_INFO) / n,
-        up_wire=wire(rep0) / n,
-        down_payload=payload_bytes(req1, DOWNLINK_INFO) / n,
-        down_wire=wire(req1) / n,
-        round_start_wire=wire(req0),
+        samples=n, feature=up.feature_bytes / n, up_payload=up.payload_bytes / n, up_wire=up.wire_bytes / n,
+        down_payload=down.payload_bytes / n, down_wire=down.wire_bytes / n, round_start_wire=wire_bytes(start),
     )
 
 
 def ready_runtimes(cfg, clients: int):
     """Client runtime (partition 0), server runtime and the client state before round 1, with the
     codecs' data-dependent state (AlignedVQ k-means codebook, RD-FSQ EMA statistics) initialised
-    and installed on the server as the strategy does; for measuring an untrained model's messages."""
-    from sim.client_ops import client_runtime, init_codec_state, load_weights
-    from sim.server_ops import build_server, initial_client_weights, sync_round_state
+    and installed on the server as the round engine does; for measuring an untrained model's messages."""
+    from sim.training.client import client_runtime, init_codec_state, load_weights
+    from sim.training.server import build_server, initial_client_weights, sync_round_state
 
     rt = client_runtime(cfg, 0, clients)
     load_weights(rt, initial_client_weights(cfg))
@@ -229,12 +207,6 @@ def ready_runtimes(cfg, clients: int):
     weights = sync_round_state(server, init_codec_state(rt))
     load_weights(rt, weights)
     return rt, server, weights
-
-
-def _record_dict():
-    from flwr.app import RecordDict
-
-    return RecordDict()
 
 
 def accuracy_columns(counts: dict[str, tuple[int, int]]) -> dict[str, float]:
@@ -266,13 +238,13 @@ def run_one(spec: RunSpec) -> dict[str, object]:
     """Train one configuration with the reference trainer and measure its messages (one torch thread)."""
     import torch
 
-    from sim.reference import run_reference
+    from sim.training.reference import run_reference
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     cfg = spec.config()
     res = run_reference(cfg, spec.clients)
-    b = measure_exchange_bytes(cfg, spec.clients, res.client_weights, res.server)
+    b = exchange_bytes(cfg, res.ledger, res.client_weights)
     row: dict[str, object] = {
         "key": spec.key(), "dataset": spec.dataset, "method": spec.method, "bits": spec.bits, "seed": spec.seed,
         "clients": spec.clients, "samples": res.samples,

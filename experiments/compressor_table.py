@@ -1,12 +1,13 @@
-"""The compressor acceptance table (issue 3): bytes, speed and distortion of every codec.
+"""The compressor table: bytes, speed and distortion of every registered codec.
 
 ``python -m experiments.compressor_table [--quick]`` ::
 
-    1. train the default model briefly (sim.reference.run_reference, rdfsq 2 bits, 2 clients)
+    1. train the default model briefly (sim.training.reference.run_reference, rdfsq 2 bits, 2 clients)
     2. fixed batch: 8 micro-batches of the trained client's features on its test split,
        at the connector (every codec) and after LN1 of ViT block 0 (AlignedVQ's split)
-    3. per compressor x bits: encode+pack each micro-batch, put the payloads of all 8 in
-       the uplink record exactly as the protocol does (sim.streams), wrap it in a real
+    3. per codec x bits (every codec in the registry that serves the image stream, at its
+       widths; plus named option studies): encode+pack each micro-batch, put the payloads of all 8 in
+       the uplink record exactly as the protocol does (sim.wire.streams), wrap it in a real
        Flower Message and measure it (sim.wire.wire_bytes); unpack+decode on the server
        half; time both; compare the reconstruction with the codec's target
     4. entropy coding of the trained 2-bit RD-FSQ codes against the empirical entropy
@@ -42,19 +43,19 @@ import torch
 import torch.nn.functional as F
 from flwr.app import Message, RecordDict
 
-from experiments.common import ensure_task_identity
-from sim.client_ops import client_batch, client_runtime, eval_indices, load_weights, micro_batch, pack_streams
-from sim.compress import build_codecs
+from sim.compress import codec_names, get_codec
+from sim.compress.codecs.fsq import FSQClient
+from sim.compress.codecs.rdfsq import RDFSQClient, batch_stats, clip_and_scale
 from sim.compress.entropy_coding import empirical_entropy_bits, wrap_index
-from sim.compress.fsq import FSQClient
-from sim.compress.rdfsq import RDFSQClient, batch_stats, clip_and_scale
-from sim.compress.vq import VQClient, codebook_from_state
 from sim.config import SplitConfig
-from sim.reference import run_reference
-from sim.server_ops import build_server, initial_client_weights, sync_round_state, unpack_streams
-from sim.streams import FEATURE_RECORDS
-from sim.vit_split import VisionHead
-from sim.wire import arrays_to_record, decode_stream, encode_stream, wire_bytes
+from sim.model.vit_split import VisionHead
+from sim.settings import codec_settings
+from sim.training.client import client_batch, client_runtime, eval_indices, load_weights, micro_batch, pack_streams
+from sim.training.reference import run_reference
+from sim.training.server import build_server, initial_client_weights, sync_round_state
+from sim.training.transport import ensure_task_identity
+from sim.wire.arrays import arrays_to_record, decode_stream, encode_stream, wire_bytes
+from sim.wire.streams import FEATURE_RECORDS, decode_payload_records, micro_batch_shapes, payload_records
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,12 +78,28 @@ class Variant:
         return base.replace(compressor=self.name, bits=self.bits, **self.extra)
 
 
+SPLIT_LABELS = {"vit-ln1:0": "LN1 of block 0"}
+
+
+def codec_variants(name: str, bits: tuple[int, ...], token_bits: tuple[int, ...]) -> list[Variant]:
+    """A registered codec at its widths (per value: ``bits``; per token: ``token_bits``; no
+    width: 16) with its default settings, on the features at the split its module asks for
+    (``Codec.sweep``); labelled with its default choices."""
+    codec = get_codec(name)
+    split = codec.sweep.get("split-point", "connector")
+    lo, hi = codec.bit_range
+    widths = [16] if codec.bit_unit is None else [b for b in (token_bits if codec.bit_unit == "token" else bits) if lo <= b <= hi]
+    label = ", ".join([str(s.default) for _, s in codec_settings(name, codec.Settings) if isinstance(s.choices, tuple)]
+                      + ([SPLIT_LABELS[split]] if split in SPLIT_LABELS else []))
+    return [Variant(name, b, split=split, label=label) for b in widths]
+
+
 def variants(quick: bool) -> list[Variant]:
+    """Every registered codec that serves the image stream, then named option studies."""
     bits = (1, 2) if quick else (1, 2, 3, 4)
     vq_bits = (2, 4) if quick else (1, 2, 3, 4, 6, 8, 10, 12, 16)
-    out = [Variant("identity", 16, label="fp16")]
-    for b in bits:
-        out += [Variant("rdfsq", b, label="per-dim"), Variant("fsq", b), Variant("nf", b, label="seed"), Variant("topk", b)]
+    out = [v for name in sorted(codec_names("image"), key=lambda n: (n != "identity", n))
+           for v in codec_variants(name, bits, vq_bits)]
     out += [
         Variant("rdfsq", 2, extra={"rdfsq_stats": "global"}, label="global"),
         Variant("rdfsq", 2, extra={"rdfsq_send_range": True}, label="per-dim, range sent"),
@@ -91,7 +108,6 @@ def variants(quick: bool) -> list[Variant]:
         Variant("rdfsq", 2, extra={"entropy_coding": "ans"}, label="per-dim + ANS"),
         Variant("rdfsq", 2, extra={"entropy_coding": "zstd"}, label="per-dim + zstd"),
     ]
-    out += [Variant("vq", b, split="vit-ln1:0", label="LN1 of block 0") for b in vq_bits]
     vb = vq_bits[-2] if quick else 12
     out += [
         Variant("vq", vb, split="vit-ln1:0", extra={"entropy_coding": "ans"}, label="LN1 of block 0 + ANS"),
@@ -207,17 +223,17 @@ def measure(v: Variant, base: SplitConfig, feats: Features, repeats: int, seed: 
     xs = feats.ln1 if vit else feats.connector
     dim = xs[0].shape[-1]
     torch.manual_seed(seed)
-    client, server = build_codecs(cfg, dim)
+    spec = cfg.codec("image", dim)
+    client, server = spec.client(), spec.server()
     identity_projections(client, server)
     client.eval()
-    if isinstance(client, VQClient):
-        client.init_codebook(torch.cat(feats.fit_ln1))
-        server.load_codebook(codebook_from_state(client.state_dict()))
+    if client.needs_init:  # AlignedVQ's k-means codebook, RD-FSQ's EMA statistics: fitted on other micro-batches
+        client.init_from(torch.cat(feats.fit_ln1 if vit else feats.connector))
+        server.load_synced(client.state_dict())
     streams = {"image": (client, server, xs)}
     if vit and cfg.residual_mode == "transmit":
-        rcfg = cfg.replace(split_point="vit-ln1:0").stream_config("residual")
-        rc, rs = build_codecs(rcfg, dim)
-        streams["residual"] = (rc, rs, feats.residual)
+        rspec = cfg.replace(split_point="vit-ln1:0").codec("residual", dim)
+        streams["residual"] = (rspec.client(), rspec.server(), feats.residual)
 
     samples = sum(x.shape[0] for x in xs)
     payload = code = ideal = 0
@@ -229,7 +245,7 @@ def measure(v: Variant, base: SplitConfig, feats: Features, repeats: int, seed: 
             encs = [c(x) for x in inputs]
             payloads = [c.pack(e) for e in encs]
         shapes = [tuple(x.shape) for x in inputs]
-        entropy = cfg.stream_config(s).entropy_coding
+        entropy = cfg.entropy(s)
         arrays = encode_stream(payloads, [c.index_layout(sh) for sh in shapes], entropy)
         record[FEATURE_RECORDS[s]] = arrays_to_record(arrays)
         payload += sum(a.nbytes for a in arrays.values())
@@ -332,7 +348,7 @@ def text_recovery(quick: bool, seed: int, bits: int = 2) -> list[dict]:
 def _recovery(cfg: SplitConfig, label: str, weights: dict | None, server, bits: int) -> dict:
     rt = client_runtime(cfg, 0, 2)
     if weights is None:
-        weights = sync_round_state(server, initial_client_weights(cfg))
+        weights = sync_round_state(server, initial_client_weights(cfg))  # the untrained model
     load_weights(rt, weights)
     table = server.model.llm.get_input_embeddings().weight
     # white-box: the server also holds the clients' (FedAvg'd) text-codec weights, so it can
@@ -346,8 +362,9 @@ def _recovery(cfg: SplitConfig, label: str, weights: dict | None, server, bits: 
         idx = micro_batch(rt, 1, step)
         batch = client_batch(rt, idx)
         payloads = pack_streams(rt, rt.model.encode(batch))
-        tokens = sum(len(s) for s in batch.text)
-        grid = unpack_streams(server, payloads, tokens)["text"][0]
+        shapes = micro_batch_shapes(cfg, [sum(len(s) for s in batch.text)])
+        record = RecordDict(payload_records(cfg, rt.model.codecs(), [payloads], shapes))  # as the wire carries it
+        grid = decode_payload_records(record, cfg, server.model.codecs(), shapes)[0].text[0]
         guesses = {
             "server half": torch.cdist(server.model.text_codec(grid), table).argmin(-1).numpy(),
             "white-box": F.normalize(grid - grid.mean(0), dim=-1).matmul(F.normalize(z, dim=-1).T).argmax(-1).numpy(),

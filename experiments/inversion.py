@@ -4,7 +4,7 @@ What can the server (or an eavesdropper on the uplink) reconstruct from what cro
 the wire, and how much does each compressor help? For every victim configuration
 (case-study dataset x compressor x bits x ``feature-noise`` sigma x seed)::
 
-    1. train the split model with sim.reference.run_reference (2 clients, the same step
+    1. train the split model with sim.training.reference.run_reference (2 clients, the same step
        functions as the Flower app)                                  -> task accuracy
     2. capture the victim's (partition 0) evaluate.split_infer reply: the codes of its
        held-out images, as the bytes Flower transports, with its ledger row
@@ -53,17 +53,26 @@ import numpy as np
 import torch
 
 from experiments.attack import (
-    DecoderBudget, SurrogateBudget, TextInverter, fit_decoder, image_metrics, reconstruct, surrogate_client, unit_images,
-    victim_client, wire_features,
+    DecoderBudget,
+    SurrogateBudget,
+    TextInverter,
+    fit_decoder,
+    image_metrics,
+    reconstruct,
+    surrogate_client,
+    unit_images,
+    victim_client,
+    wire_features,
 )
-from experiments.common import method_overrides, setup_logging, vq_available
+from experiments.common import method_overrides, setup_logging
 from experiments.privacy_capture import capture_eval_uplink, observe, text_recovery
-from sim.batches import eval_text, pixels, tokenise
-from sim.client_ops import client_runtime
+from sim.compress import get_codec
 from sim.config import SplitConfig
 from sim.data import CASE_STUDY_DATASETS
-from sim.reference import run_reference
-from sim.tokenizer import get_tokenizer
+from sim.data.batches import eval_text, pixels, tokenise
+from sim.data.tokenizer import get_tokenizer
+from sim.training.client import client_runtime
+from sim.training.reference import run_reference
 
 log = logging.getLogger("experiments.inversion")
 
@@ -74,7 +83,7 @@ VICTIM = 0  # partition whose held-out images are attacked
 AUX_SEED = 7_777  # seed of the attacker's public images (their pool is disjoint anyway)
 EXAMPLES_PER_RUN = 8
 THREATS = ("white-box", "black-box", "mean-image")
-VQ_SPLIT = "vit-ln1:0"  # AlignedVQ's split point: after LayerNorm 1 of vision block 0
+VQ_SPLIT = get_codec("vq").sweep["split-point"]  # AlignedVQ's split point: after LayerNorm 1 of vision block 0
 
 
 @dataclass(frozen=True)
@@ -127,8 +136,6 @@ class Victim:
 
     def config(self, budget: Budget) -> SplitConfig:
         over: dict[str, object] = {**budget.train, **method_overrides(self.method, self.bits)}
-        if self.method == "vq":
-            over["split-point"] = VQ_SPLIT
         over.update({"dataset": self.dataset, "seed": self.seed, "feature-noise": self.sigma,
                      "text-mode": self.text_mode})
         return SplitConfig.from_run_config(over)
@@ -155,12 +162,12 @@ NOISE_SIGMAS = (0.25, 0.5, 1.0)
 NOISE_METHODS = (("identity", 16), ("rdfsq", 1), ("rdfsq", 2), ("rdfsq", 3))
 
 
-def full_grid(with_vq: bool) -> list[Victim]:
+def full_grid() -> list[Victim]:
     """Acceptance (faces and pathology, 2 seeds, both threats), the compressor sweep (faces,
     seed 0, white-box), the noise defence (faces, seed 0, white-box) and text-mode=quantized
     (faces, 2 seeds, white-box). About 30 min of one core on the project machine."""
     both = ("white-box", "black-box", "mean-image")
-    accept = [("identity", 16), ("rdfsq", 1), ("rdfsq", 2), ("rdfsq", 3)] + ([("vq", VQ_BITS)] if with_vq else [])
+    accept = [("identity", 16), ("rdfsq", 1), ("rdfsq", 2), ("rdfsq", 3), ("vq", VQ_BITS)]
     out = [Victim(d, m, b, 0.0, s, both) for d in ACCEPT_DATASETS for s in SEEDS for m, b in accept]
     sweep = [("rdfsq", 4)] + [(m, b) for m in ("fsq", "nf", "topk") for b in SWEEP_BITS]
     out += [Victim("faces", m, b, 0.0, 0, ("white-box", "mean-image")) for m, b in sweep]
@@ -335,21 +342,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     setup_logging(args.verbose)
-    from experiments.privacy_report import write_report
+    from experiments.privacy_text import write_report
 
     out = args.out or (ROOT / "runs" / "privacy-quick" if args.quick else RESULTS)
     examples = args.examples or (out / "examples" if args.quick else ROOT / "runs" / "privacy-examples")
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "privacy.csv"
     budget = QUICK if args.quick else FULL
-    vq_gap = vq_available()
     errors: list[str] = []
     previous = json.loads((out / "privacy_config.json").read_text()) if (out / "privacy_config.json").exists() else {}
     study_wall_s = previous.get("study_wall_s")
     if not args.report_only:
-        grid = quick_grid() if args.quick else full_grid(with_vq=vq_gap is None)
-        if vq_gap is not None:
-            log.warning("vq left out: %s", vq_gap)
+        grid = quick_grid() if args.quick else full_grid()
         stale = set_aside_stale(csv_path, {v.key(budget, t) for v in grid for t in v.threats})
         if stale:
             log.warning("%d rows of %s belong to another grid or config; moved to %s", stale, csv_path,
@@ -364,8 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         {"budget": {"train": budget.train, "aux_samples": budget.aux_samples, "decoder": asdict(budget.decoder),
                     "surrogate": asdict(budget.surrogate)},
          "clients": CLIENTS, "victim_partition": VICTIM, "aux_seed": AUX_SEED, "vq_split": VQ_SPLIT,
-         "vq_gap": vq_gap, "errors": errors, "study_wall_s": study_wall_s}, indent=2))
-    write_report(csv_path, examples, out, quick=args.quick, vq_gap=vq_gap)
+         "errors": errors, "study_wall_s": study_wall_s}, indent=2))
+    write_report(csv_path, examples, out, quick=args.quick)
     for e in errors:
         log.error("failed: %s", e)
     return 1 if errors else 0

@@ -3,10 +3,10 @@
 Data flow::
 
     victim (partition p, FedAvg'd weights W)
-      --eval_request + sim.protocol.client_evaluate (the ClientApp's evaluate.split_infer handler)-->
+      --eval_request + sim.training.client_handlers.client_evaluate (the ClientApp's evaluate.split_infer handler)-->
     reply Message --every object of its tree, deflated (what a SuperLink stores and forwards)-->
-    CapturedUplink{object id -> bytes}   +   its ledger row (strategies.split_fed.uplink_row)
-      --inflate, sim.protocol.parse_eval_reply with the server's codec half-->
+    CapturedUplink{object id -> bytes}   +   its ledger row (sim.training.engine.uplink_row)
+      --inflate, sim.wire.messages.parse_eval_reply with the server's codec halves-->
     Observation: the decoded features y_hat (n, N, D) of the victim's held-out images
 
 :func:`observe` takes only the captured bytes and the server half, never the client
@@ -27,15 +27,17 @@ from flwr.app import Message, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 
-from experiments.common import ensure_task_identity
 from sim.config import SplitConfig
-from sim.ledger import LedgerRow
-from sim.protocol import EVALUATE, NodeIdentity, client_evaluate, eval_request, parse_eval_reply
-from sim.schema import Expect
-from sim.server_ops import ServerRuntime
-from sim.streams import FEATURE_RECORDS
-from sim.wire import payload_bytes
-from strategies.split_fed import uplink_row
+from sim.training.client_handlers import client_evaluate
+from sim.training.engine import uplink_row
+from sim.training.node import NodeIdentity
+from sim.training.server import ServerRuntime
+from sim.training.transport import ensure_task_identity
+from sim.wire.arrays import payload_bytes
+from sim.wire.ledger import LedgerRow
+from sim.wire.messages import EVALUATE, eval_request, parse_eval_reply
+from sim.wire.schema import Expect
+from sim.wire.streams import FEATURE_RECORDS
 
 VICTIM_NODE_ID = 1001  # any node id: the capture replays one client outside a Flower run
 
@@ -94,9 +96,8 @@ def observe(capture: CapturedUplink, cfg: SplitConfig, server: ServerRuntime) ->
     msg = capture.message()
     s = server
     expect = Expect(round=capture.row.round, partition=capture.row.partition)
-    up = parse_eval_reply(msg.content, cfg, s.model, s.tokens, s.dim, s.vocab_size, expect=expect)
-    parts = [y if isinstance(y, torch.Tensor) else torch.cat([y[k] for k in ATTACK_STREAMS if k in y], dim=-1)
-             for y in up.y_hats]
+    up = parse_eval_reply(msg.content, cfg, s.model.codecs(), s.tokens, s.dim, s.vocab_size, expect=expect)
+    parts = [torch.cat([y[k] for k in ATTACK_STREAMS if k in y], dim=-1) for y in up.y_hats]
     feats = torch.cat(parts)[: len(up.answers)].detach().float()
     records = tuple(FEATURE_RECORDS[k] for k in ATTACK_STREAMS if FEATURE_RECORDS[k] in msg.content.array_records)
     return Observation(feats, payload_bytes(msg.content, records), up.prompts, up.answers)

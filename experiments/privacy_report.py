@@ -1,4 +1,5 @@
-"""The privacy report: tables, plots and the example grid, built only from the study's files.
+"""The privacy report's tables, plots and example grid, built only from the study's files
+(:func:`experiments.privacy_text.write_report` puts them together).
 
 Inputs: ``privacy.csv`` (one row per victim configuration x threat model, written by
 :mod:`experiments.inversion`), ``privacy_config.json`` (the budget) and the example
@@ -15,7 +16,6 @@ victim's held-out images (``std / sqrt(n)``), marked as such.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -232,23 +232,3 @@ def example_grid(examples: Path, dataset: str, path: Path, seed: int = 0) -> boo
     fig.suptitle(f"{dataset}: victim's held-out images (top) and inversions from the captured uplink", fontsize=9)
     _save(fig, path, dpi=130)
     return True
-
-
-# ----------------------------------------------------------------------------- report
-def write_report(csv_path: Path, examples: Path, out: Path, quick: bool = False, vq_gap: str | None = None) -> None:
-    df = pd.read_csv(csv_path)
-    full = summarise(df)
-    full.to_csv(out / "privacy_summary.csv", index=False)
-    s = full[full.text_mode == "ids"]  # the image results; text-mode=quantized has its own section
-    plot_psnr_vs_bits(s, out / "privacy_psnr_vs_bits.png")
-    plot_utility(s, out / "privacy_utility.png")
-    plot_psnr_vs_bytes(s, out / "privacy_psnr_vs_bytes.png")
-    grid_files = {}
-    for d in sorted(set(df.dataset)):
-        target = (examples if d == "faces" else out) / f"privacy_examples_{d}.png"
-        if example_grid(examples, d, target):
-            grid_files[d] = target
-    config = json.loads((out / "privacy_config.json").read_text()) if (out / "privacy_config.json").exists() else {}
-    from experiments.privacy_text import report_markdown
-
-    (out / "privacy.md").write_text(report_markdown(df, full, config, grid_files, out, quick, vq_gap))

@@ -1,21 +1,33 @@
-"""The Markdown of ``experiments/results/privacy.md``: every number is read from the study's CSV.
+"""The privacy report: ``experiments/results/privacy.md`` and its plots, every number read
+from the study's CSV.
 
-:func:`report_markdown` is called by :func:`experiments.privacy_report.write_report` with the
-raw rows (``df``), the per-configuration summary (``s``, see ``privacy_report.summarise``),
-the study config and the paths of the example grids.
+:func:`write_report` summarises the rows and draws the plots (:mod:`experiments.privacy_report`),
+then :func:`report_markdown` writes the Markdown from the raw rows (``df``), the
+per-configuration summary (``s``), the study config and the paths of the example grids.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parents[1]
-
-from experiments.privacy_report import _method_label, _pm, attack_table, noise_table
+from experiments.privacy_report import (
+    _method_label,
+    _pm,
+    attack_table,
+    example_grid,
+    noise_table,
+    plot_psnr_vs_bits,
+    plot_psnr_vs_bytes,
+    plot_utility,
+    summarise,
+)
 from sim.data.casestudy import NUM_FACE_SOURCES, POOL_GRID, PUBLIC_CELLS, PUBLIC_FACE_SOURCES
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _f(x: float, digits: int = 2) -> str:
@@ -102,7 +114,7 @@ def _text_section(df: pd.DataFrame, full: pd.DataFrame) -> str:
 
 
 def report_markdown(df: pd.DataFrame, full: pd.DataFrame, config: dict, grids: dict[str, Path], out: Path,
-                    quick: bool, vq_gap: str | None) -> str:
+                    quick: bool) -> str:
     s = full[full.text_mode == "ids"]  # image results; text-mode=quantized rows only in the text section
     datasets = [d for d in ("faces", "pathology", "retina") if d in set(df.dataset)]
     budget = config.get("budget", {})
@@ -144,7 +156,7 @@ def report_markdown(df: pd.DataFrame, full: pd.DataFrame, config: dict, grids: d
         f"{NUM_FACE_SOURCES} source images; pathology: the {len(PUBLIC_CELLS)} anti-diagonal cells of a "
         f"{POOL_GRID} x {POOL_GRID} grid over the slide), so no pixel of a client's image is in the "
         f"attacker's training set. {budget.get('aux_samples', '?')} public images, seed {config.get('aux_seed', '?')}.",
-        f"* **Model and training** (`sim.reference.run_reference`, the Flower app's step functions): tiny SigLIP "
+        f"* **Model and training** (`sim.training.reference.run_reference`, the Flower app's step functions): tiny SigLIP "
         f"+ connector + tiny Llama, width {train.get('hidden-size')}, {train.get('image-size')} px images, "
         f"patch {train.get('patch-size')} ({(train.get('image-size', 32) // train.get('patch-size', 4)) ** 2} image "
         f"tokens); {config.get('clients', 2)} clients, {train.get('num-server-rounds')} rounds x "
@@ -187,8 +199,6 @@ def report_markdown(df: pd.DataFrame, full: pd.DataFrame, config: dict, grids: d
     for d in [d for d in datasets if d in ("faces", "pathology")]:
         md += [f"## {d}: identity vs RD-FSQ b = 1, 2, 3 vs AlignedVQ", "",
                attack_table(s, d, methods=("identity", "rdfsq", "vq"), max_bits=3), ""]
-    if vq_gap:
-        md += [f"**AlignedVQ is missing from these tables**: {vq_gap}.", ""]
     md += ["## Every compressor at b = 1..4 (white-box; seed 0 unless the seeds column says otherwise)", ""]
     for d in datasets:
         md += [f"### {d}", "", attack_table(s, d), ""]
@@ -259,3 +269,21 @@ def report_markdown(df: pd.DataFrame, full: pd.DataFrame, config: dict, grids: d
            "`privacy_config.json` (budget, grid gaps, errors), the PNG plots and the pathology example grid.",
            ""]
     return "\n".join(md)
+
+
+# ----------------------------------------------------------------------------- report
+def write_report(csv_path: Path, examples: Path, out: Path, quick: bool = False) -> None:
+    df = pd.read_csv(csv_path)
+    full = summarise(df)
+    full.to_csv(out / "privacy_summary.csv", index=False)
+    s = full[full.text_mode == "ids"]  # the image results; text-mode=quantized has its own section
+    plot_psnr_vs_bits(s, out / "privacy_psnr_vs_bits.png")
+    plot_utility(s, out / "privacy_utility.png")
+    plot_psnr_vs_bytes(s, out / "privacy_psnr_vs_bytes.png")
+    grid_files = {}
+    for d in sorted(set(df.dataset)):
+        target = (examples if d == "faces" else out) / f"privacy_examples_{d}.png"
+        if example_grid(examples, d, target):
+            grid_files[d] = target
+    config = json.loads((out / "privacy_config.json").read_text()) if (out / "privacy_config.json").exists() else {}
+    (out / "privacy.md").write_text(report_markdown(df, full, config, grid_files, out, quick))

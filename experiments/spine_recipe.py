@@ -1,6 +1,6 @@
 """``python -m experiments.spine_recipe --clients 4 [--set KEY=VALUE ...] [--out CSV]``
 
-Trains one config with the in-process reference trainer (:func:`sim.reference.run_reference`:
+Trains one config with the in-process reference trainer (:func:`sim.training.reference.run_reference`:
 the Flower strategy's exact schedule and step functions, no messaging) and appends its
 per-round exact-match accuracy to a CSV. It is how the spine's learning recipe (learning
 rate, schedule, steps per exchange, ...) was chosen; docs/results-spine.md lists the
@@ -22,9 +22,9 @@ import os
 import time
 from pathlib import Path
 
-from sim.cli import parse_overrides
 from sim.config import SplitConfig
-from sim.reference import evaluate_global, run_reference
+from sim.run.cli import parse_overrides
+from sim.training.reference import evaluate_global, run_reference
 
 from .common import add_table_row
 

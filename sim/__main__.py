@@ -1,5 +1,5 @@
-"""``python -m sim``: see :mod:`sim.cli`."""
+"""``python -m sim``: see :mod:`sim.run.cli`."""
 
-from .cli import main
+from .run.cli import main
 
 raise SystemExit(main())

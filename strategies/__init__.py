@@ -1,5 +1,5 @@
 """Split-learning strategies for Flower's ServerApp."""
 
-from .split_fed import RoundReport, SplitFedStrategy
+from .split_fed import SplitFedStrategy
 
-__all__ = ["RoundReport", "SplitFedStrategy"]
+__all__ = ["SplitFedStrategy"]

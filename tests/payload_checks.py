@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from sim.compress import Payload, PayloadError
 
@@ -12,7 +13,13 @@ def assert_rejects_malformed(client, server, x) -> None:
     """Wrong length, dtype, rank, a missing or extra array, NaN values and wrong shapes
     of a payload of ``x`` (B, N, D) must each raise :class:`PayloadError`."""
     shape = tuple(x.shape)
-    arrays = client.pack(client(x)).arrays()
+    with torch.no_grad():
+        enc = client(x)
+    arrays = client.pack(enc).arrays()
+    # the good payload is exactly the declared layout and decodes (so each rejection below is the mutation's)
+    layout = server.spec.layout(shape)
+    assert {k: (a.dtype, a.shape) for k, a in arrays.items()} == {k: (np.dtype(w.dtype), (w.count,)) for k, w in layout.items()}
+    assert torch.equal(server.unpack(Payload.from_arrays(arrays), shape), enc.y)
 
     def rejects(bad, shape=shape):
         with pytest.raises(PayloadError):

@@ -20,8 +20,8 @@ from loopback import LoopbackGrid
 from server_app.server_app import run_server
 from sim.config import ConfigError, SplitConfig
 from sim.data import generate_synthetic_vqa, write_llava_json
-from sim.protocol import node_identity
-from sim.tokenizer import get_tokenizer
+from sim.data.tokenizer import get_tokenizer
+from sim.training.node import node_identity
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,7 @@ import torch
 from test_simulation import run_cli
 
 from sim.config import SplitConfig
-from sim.reference import run_reference
+from sim.training.reference import run_reference
 
 TINY = {
     "num-server-rounds": 1, "local-steps": 2, "steps-per-exchange": 1, "batch-size": 4, "num-samples": 120,

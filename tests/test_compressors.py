@@ -7,17 +7,20 @@ import numpy as np
 import pytest
 import torch
 
-from sim.compress import Payload, PayloadError, build_codecs, names, register
-from sim.compress.rdfsq import clip_and_scale, index_to_value, round_to_grid
-from sim.config import COMPRESSORS, SplitConfig
+from sim.compress import Payload, PayloadError, codec_names, get_codec, make_codec, register
+from sim.compress.base import straight_through
+from sim.compress.codecs.rdfsq import clip_and_scale, index_to_value, round_to_grid
+from sim.config import SETTINGS, ConfigError, SplitConfig
 
 DIM = 32
 SHAPE = (2, 6, DIM)
 
 
 def codecs(name, bits=2, **kw):
+    """Both halves of the image codec a config names (client first, as the model builds them)."""
     torch.manual_seed(0)
-    return build_codecs(SplitConfig(compressor=name, bits=bits, **kw), DIM)
+    spec = SplitConfig(compressor=name, bits=bits, **kw).codec("image", DIM)
+    return spec.client(), spec.server()
 
 
 def variants():
@@ -27,12 +30,23 @@ def variants():
 
 
 def test_registry_is_exact():
-    assert names() == ("fsq", "identity", "nf", "rdfsq", "topk", "vq")
-    assert set(names()) == set(COMPRESSORS)  # every config choice is registered
-    with pytest.raises(ValueError, match="valid: fsq, identity, nf, rdfsq, topk, vq"):
-        build_codecs(types.SimpleNamespace(compressor="rdfsq2"), DIM)
+    assert codec_names("image") == ("fsq", "identity", "nf", "rdfsq", "topk", "vq")
+    assert codec_names() == ("fp16", "fsq", "identity", "nf", "none", "rdfsq", "topk", "vq")
+    assert codec_names("gradient") == ("fp16", "nf", "none", "topk")
+    assert SETTINGS["compressor"].allowed() == codec_names("image")  # every config choice is registered
+    assert SETTINGS["grad-compressor"].allowed() == codec_names("gradient")
+    with pytest.raises(ValueError, match="valid: fp16, fsq, identity, nf, none, rdfsq, topk, vq"):
+        get_codec("rdfsq2")
+    with pytest.raises(ValueError, match="valid: fp16, fsq, identity, nf, none, rdfsq, topk, vq"):
+        make_codec("rdfsq2", DIM, 2)
+    with pytest.raises(ConfigError, match="allowed values: fsq, identity, nf, rdfsq, topk, vq"):
+        codecs("rdfsq2")  # the config accepts only codecs that serve the image stream
+    with pytest.raises(ConfigError):
+        codecs("none")  # a gradient-only codec
     with pytest.raises(ValueError, match="already registered"):
-        register("rdfsq")(lambda cfg, dim: None)
+        register(get_codec("rdfsq"))
+    with pytest.raises(TypeError):
+        register(types.SimpleNamespace)  # not a Codec subclass
 
 
 @pytest.mark.parametrize("name,bits,kw", variants())
@@ -60,11 +74,17 @@ def test_rdfsq_grid_matches_paper_algorithm(bits):
     z, idx = round_to_grid(e, K)
     assert idx.min() >= 0 and idx.max() <= K - 1 and len(torch.unique(idx)) == K
     grid = index_to_value(idx, K)
-    # symmetric K-level grid in [-1, 1]; each value is the nearest grid point (paper Alg. 2)
-    levels = torch.linspace(-1, 1, K)
+    # symmetric K-level grid in [-1, 1] (paper Alg. 2): the levels are -1 + 2i/(K-1)
+    levels = index_to_value(torch.arange(K), K)
+    assert torch.allclose(levels, torch.linspace(-1, 1, K), atol=1e-6) and torch.equal(levels, -levels.flip(0))
+    assert (grid[:, None] == levels[None]).any(1).all()  # every value is exactly a grid level
+    # ... and the nearest one, except at an exact tie between two levels (a decision boundary)
     nearest = levels[(e[:, None] - levels[None]).abs().argmin(1)]
-    assert torch.allclose(grid, nearest, atol=1e-6) or (grid - nearest).abs().max() <= 2 / (K - 1) + 1e-6
-    assert (grid - e).abs().max() <= 1 / (K - 1) + 1e-6  # within half a step
+    boundaries = (levels[1:] + levels[:-1]) / 2
+    clear = (e[:, None] - boundaries[None]).abs().min(1).values > 1e-6
+    assert clear.sum() >= len(e) - (K - 1)  # only inputs on a boundary are left out
+    assert torch.equal(grid[clear], nearest[clear])
+    assert (grid - e).abs().max() <= 1 / (K - 1) + 1e-6  # within half a step (ties included)
 
 
 def test_clip_and_scale_bounds_and_stats():
@@ -94,8 +114,6 @@ def test_rdfsq_ste_passes_upstream_gradient_to_scaled_features():
     e = clip_and_scale(client.proj(x), "global")
     e.retain_grad()
     # recompute forward the way the codec does, through the same e
-    from sim.compress.base import straight_through
-
     _, idx = round_to_grid(e.detach(), 4)
     y = straight_through(index_to_value(idx, 4), e)
     g = torch.randn(SHAPE)

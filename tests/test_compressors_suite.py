@@ -8,13 +8,13 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from payload_checks import assert_rejects_malformed
 
 from sim.compress.base import Payload, PayloadError
-from sim.compress.fsq import FSQClient, FSQServer, fsq_quantize
-from sim.compress.nf import NFClient, NFServer, nf_codebook, qlora_codebook, qlora_offset, seed_codebook
-from sim.compress.topk import TopKClient, TopKServer
-
-from payload_checks import assert_rejects_malformed
+from sim.compress.codecs.fsq import FSQ
+from sim.compress.codecs.nf import NF, BlockNF, NFSettings, nf_codebook, qlora_codebook, qlora_offset, seed_codebook
+from sim.compress.codecs.topk import TopK, TopKSettings
+from sim.compress.packing import pack_bits, unpack_bits
 
 DIM = 128
 SHAPE = (2, 6, DIM)
@@ -29,20 +29,37 @@ NF4_PUBLISHED = [
 ]
 
 
+def spec_of(name, bits, dim=DIM, seed=0, **kw):
+    """The codec definition; ``kw`` are fields of its settings dataclass."""
+    if name == "fsq":
+        return FSQ(dim, bits, seed=seed)
+    if name == "nf":
+        return NF(dim, bits, NFSettings(**kw), seed)
+    return TopK(dim, bits, TopKSettings(**kw), seed)
+
+
 def make(name, bits, **kw):
     torch.manual_seed(0)
-    if name == "fsq":
-        return FSQClient(DIM, bits, **kw), FSQServer(DIM, bits, **kw)
-    if name == "nf":
-        return NFClient(DIM, bits, **kw), NFServer(DIM, bits, **kw)
-    server_kw = {k: v for k, v in kw.items() if k != "seed"}
-    return TopKClient(DIM, bits, **kw), TopKServer(DIM, bits, **server_kw)
+    spec = spec_of(name, bits, **kw)
+    return spec.client(), spec.server()
+
+
+def identity_proj(client):
+    """FSQ without its learned projection (``tanh`` of the input itself)."""
+    with torch.no_grad():
+        client.proj.weight.copy_(torch.eye(client.dim))
+        client.proj.bias.zero_()
+    return client
+
+
+def layout_nbytes(layout):
+    return sum(np.dtype(a.dtype).itemsize * a.count for a in layout.values())
 
 
 def variants():
     out = [("fsq", b, {}) for b in (1, 2, 3, 4, 8)]
     out += [("nf", b, {"codebook": cb, "double_quant": dq}) for b in (1, 2, 3, 4, 8) for cb in ("seed", "qlora") for dq in (False, True)]
-    out += [("topk", b, {}) for b in (1, 2, 3, 4, 8)] + [("topk", 1, {"random_share": 0.0})]
+    out += [("topk", b, {}) for b in (1, 2, 3, 4, 8)] + [("topk", 1, {"random": 0.0})]
     return out
 
 
@@ -85,7 +102,7 @@ def expected_nbytes(name, bits, kw, rows=T, dim=DIM):
             return codes + 2 * nb + (nb + 4 * rows if kw["double_quant"] else 2 * nb)
         return codes + (nb + 4 * rows if kw["double_quant"] else 2 * nb)  # fp16 | uint8 + fp32 absmax
     k = round(bits / 16 * dim)
-    m = k + round(kw.get("random_share", 0.1) * dim)
+    m = k + round(kw.get("random", 0.1) * dim)
     mask, index = math.ceil(rows * dim / 8), math.ceil(rows * m * math.ceil(math.log2(dim)) / 8)
     return 2 * rows * m + min(mask, index) + 1
 
@@ -95,23 +112,22 @@ def test_payload_size_formula_is_exact(name, bits, kw):
     client, _ = make(name, bits, **kw)
     p = client.pack(client(torch.randn(SHAPE)))
     assert p.nbytes == expected_nbytes(name, bits, kw)
-    if hasattr(client, "payload_nbytes"):
-        assert client.payload_nbytes(SHAPE) == p.nbytes
+    assert layout_nbytes(client.spec.layout(SHAPE)) == p.nbytes  # the declared wire layout agrees
     if name != "topk":
         assert p.code_bytes == math.ceil(T * DIM * bits / 8) and p.ideal_bits == T * DIM * bits
 
 
 def test_topk_picks_the_cheaper_position_format():
-    dense = TopKClient(DIM, 4)  # m = 32 + 13 = 45 >= 128/7: bitmask
+    dense = spec_of("topk", 4).client()  # m = 32 + 13 = 45 >= 128/7: bitmask
     p = dense.pack(dense(torch.randn(SHAPE)))
     assert p.side["format"][0] == 0 and p.side["positions"].nbytes == T * DIM // 8
-    sparse = TopKClient(DIM, 1, random_share=0.0)  # m = 8: 8 * 7 bits < 128 bits
+    sparse = spec_of("topk", 1, random=0.0).client()  # m = 8: 8 * 7 bits < 128 bits
     p = sparse.pack(sparse(torch.randn(SHAPE)))
     assert p.side["format"][0] == 1 and p.side["positions"].nbytes == math.ceil(T * 8 * 7 / 8)
 
 
 def test_topk_ratios():
-    client = TopKClient(DIM, 4)
+    client = spec_of("topk", 4).client()
     p = client.pack(client(torch.randn(SHAPE)))
     assert client.nominal_ratio() == DIM / 32
     assert client.true_ratio(p) == pytest.approx(2 * T * DIM / p.nbytes)
@@ -121,7 +137,8 @@ def test_topk_ratios():
 # ---------------------------------------------------------------- error bounds
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 def test_fsq_within_half_a_step_of_tanh(bits):
-    client, _ = make("fsq", bits, project=False)
+    client, _ = make("fsq", bits)
+    identity_proj(client)
     x = torch.randn(SHAPE) * 2
     y = client(x).y.detach()
     assert (y - torch.tanh(x)).abs().max() <= 1 / (2**bits - 1) + 1e-6
@@ -182,7 +199,8 @@ def test_nf_error_within_half_the_largest_gap_times_block_scale(bits, codebook, 
 def test_nf_roundtrip_property(seed, bits, codebook, dq, scale, shift):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn((1, 3, DIM), generator=g) * scale + shift
-    client, server = NFClient(DIM, bits, 32, codebook, dq), NFServer(DIM, bits, 32, codebook, dq)
+    spec = NF(DIM, bits, NFSettings(block=32, codebook=codebook, double_quant=dq))
+    client, server = spec.client(), spec.server()
     enc, p, y_hat = roundtrip(client, server, x)
     assert torch.equal(bits_of(y_hat), bits_of(enc.y))
     err = (y_hat - x).reshape(3, -1, 32).abs().amax(-1)
@@ -205,22 +223,23 @@ def test_topk_keeps_the_largest_values_in_fp16(bits):
 @given(seed=st.integers(0, 2**31 - 1), bits=st.integers(1, 16), share=st.floats(0.0, 0.5), dim=st.sampled_from([16, 100, 128]))
 def test_topk_roundtrip_property(seed, bits, share, dim):
     x = torch.randn((2, 3, dim), generator=torch.Generator().manual_seed(seed))
-    client, server = TopKClient(dim, bits, share, seed), TopKServer(dim, bits, share)
+    spec = TopK(dim, bits, TopKSettings(random=share), seed)
+    client, server = spec.client(), spec.server()
     enc, p, y_hat = roundtrip(client, server, x)
     assert torch.equal(bits_of(y_hat), bits_of(enc.y))
-    assert p.nbytes == expected_nbytes("topk", bits, {"random_share": share}, rows=6, dim=dim) - (
+    assert p.nbytes == expected_nbytes("topk", bits, {"random": share}, rows=6, dim=dim) - (
         2 * 6 * (round(share * dim) - client.r)  # r is capped at D - k
     )
 
 
 def test_topk_random_share_is_a_function_of_seed_and_input():
     x = torch.randn(SHAPE)
-    a, b = TopKClient(DIM, 2, seed=7), TopKClient(DIM, 2, seed=7)
+    a, b = spec_of("topk", 2, seed=7).client(), spec_of("topk", 2, seed=7).client()
     pa, pb = a(x).side["positions"], b(x).side["positions"]
     assert torch.equal(pa, pb)
     assert torch.equal(a(x).side["positions"], pa)  # a recomputed forward selects the same positions
     assert not torch.equal(a(x + 1e-3).side["positions"], pa)  # other features: other random extras
-    assert not torch.equal(TopKClient(DIM, 2, seed=8)(x).side["positions"], pa)
+    assert not torch.equal(spec_of("topk", 2, seed=8).client()(x).side["positions"], pa)
 
 
 # ---------------------------------------------------------------- gradients
@@ -240,7 +259,8 @@ def test_ste_gradient(name, bits, kw):
 
 
 def test_fsq_ste_goes_through_tanh():
-    client, _ = make("fsq", 2, project=False)
+    client, _ = make("fsq", 2)
+    identity_proj(client)
     x = torch.randn(SHAPE, requires_grad=True)
     g = torch.randn(SHAPE)
     (client(x).y * g).sum().backward()
@@ -263,28 +283,32 @@ def test_nf_rejects_negative_scales_and_wrong_block_count(dq):
     bad[1] = -1
     with pytest.raises(PayloadError, match="negative"):
         server.unpack(Payload.from_arrays({**arrays, key: bad}), SHAPE)
-    other = NFServer(DIM, 4, block=32, codebook="qlora", double_quant=dq)  # expects twice the blocks
+    other = spec_of("nf", 4, block=32, codebook="qlora", double_quant=dq).server()  # expects twice the blocks
     with pytest.raises(PayloadError):
         other.unpack(Payload.from_arrays(arrays), SHAPE)
 
 
 def test_nf_rejects_dim_not_divisible_by_block():
+    with pytest.raises(ValueError, match="must divide the feature width"):
+        NF(100, 4, NFSettings(block=64))  # the definition both halves are built from
+    with pytest.raises(ValueError, match="must divide the feature width"):
+        NF.check(NFSettings(block=64), 4, 100)
     with pytest.raises(ValueError, match="divisible"):
-        NFClient(100, 4, block=64)
-    with pytest.raises(ValueError, match="divisible"):
-        NFServer(100, 4, block=64)
+        BlockNF(4, 64).encode(torch.zeros(2, 100))
+    with pytest.raises(PayloadError, match="divisible"):
+        BlockNF(4, 64).unpack({}, 2, 100)
+    NF(100, 4, NFSettings(block=25))  # a block that divides the width is fine
     with pytest.raises(ValueError):
-        NFClient(DIM, 9)
+        NF(DIM, 9)
 
 
 def test_topk_rejects_bad_positions():
     dim = 100  # 7-bit indices can say 100..127: out of range
-    client, server = TopKClient(dim, 1, random_share=0.0), TopKServer(dim, 1, random_share=0.0)
+    spec = TopK(dim, 1, TopKSettings(random=0.0))
+    client, server = spec.client(), spec.server()
     shape = (2, 6, dim)
     arrays = client.pack(client(torch.randn(shape))).arrays()
     assert arrays["side.format"][0] == 1
-    from sim.compress.packing import pack_bits, unpack_bits
-
     idx = unpack_bits(arrays["side.positions"], 7, T * client.m).reshape(T, client.m)
     for mutate in ("range", "dup"):
         bad = idx.copy()
@@ -313,14 +337,17 @@ def test_topk_rejects_bitmask_with_wrong_popcount():
 # ---------------------------------------------------------------- references
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 def test_fsq_matches_vector_quantize_pytorch_symmetric_fsq(bits):
-    from vector_quantize_pytorch import FSQ
+    from vector_quantize_pytorch import FSQ as ReferenceFSQ
 
     K, h = 2**bits, (2**bits - 1) / 2
-    ref = FSQ(levels=[K], preserve_symmetry=True)  # dim 1 = codebook dim: no projections
+    ref = ReferenceFSQ(levels=[K], preserve_symmetry=True)  # dim 1 = codebook dim: no projections
     assert not ref.has_projections
     z = torch.randn(1, 50_000, 1, generator=torch.Generator().manual_seed(bits)) * 2
     ref_val, ref_idx = ref(z)
-    idx, val = fsq_quantize(z, K)
+    client = identity_proj(FSQ(1, bits).client())  # the codec without its projection
+    with torch.no_grad():
+        enc = client(z)
+    idx, val = enc.codes, enc.y
     # same index I = floor(h t + h + 1/2) = z + h and same value (I - h)/h: no scale factor;
     # only inputs within float32 rounding of a decision boundary may differ (tie-breaking)
     v = h * torch.tanh(z) + h + 0.5

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from sim.deploy import LocalDeployment
+from sim.run.deploy import LocalDeployment
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {

@@ -8,10 +8,15 @@ import torch
 from scipy import integrate
 from scipy.stats import gaussian_kde, norm
 
-from sim.compress.rdfsq import clip_and_scale
-from sim.entropy import (
-    BatchEntropy, code_entropies, discrete_entropy_bits, entropy_over_batches, feature_entropies,
-    kde_differential_entropy, recommended_bits,
+from sim.compress.codecs.rdfsq import clip_and_scale
+from sim.compress.entropy_estimate import (
+    BatchEntropy,
+    code_entropies,
+    discrete_entropy_bits,
+    entropy_over_batches,
+    feature_entropies,
+    kde_differential_entropy,
+    recommended_bits,
 )
 
 torch.set_num_threads(1)

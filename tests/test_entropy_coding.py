@@ -8,10 +8,16 @@ from hypothesis import strategies as st
 
 from sim.compress.base import PayloadError
 from sim.compress.entropy_coding import (
-    count_dtype, empirical_entropy_bits, encoded_nbytes, entropy_decode, entropy_encode, symbol_bits, unwrap_index,
+    count_dtype,
+    empirical_entropy_bits,
+    encoded_nbytes,
+    entropy_decode,
+    entropy_encode,
+    symbol_bits,
+    unwrap_index,
     wrap_index,
 )
-from sim.compress.packing import pack_bits
+from sim.compress.packing import pack_bits, unpack_bits
 
 METHODS = ["ans", "zstd"]
 
@@ -130,12 +136,31 @@ def test_random_garbage_never_crashes():
             entropy_decode({"data": data}, 16, codes.size, "zstd")
 
 
+ZSTD_MAGIC = bytes([0x28, 0xB5, 0x2F, 0xFD])  # RFC 8878 section 3.1.1, little-endian 0xFD2FB528
+
+
+def raw_zstd_frame(content: bytes) -> np.ndarray:
+    """A zstd frame built by hand (RFC 8878): single segment, 4-byte content size, no
+    checksum, one raw block (the content verbatim). Unlike a compressor's output, which
+    byte holds what is known exactly."""
+    assert len(content) < 128 * 1024
+    descriptor = bytes([0b10_1_0_0_0_00])  # FCS 4 bytes, single segment, no checksum, no dictionary
+    block = (1 | (0 << 1) | (len(content) << 3)).to_bytes(3, "little")  # last block, raw, size
+    frame = ZSTD_MAGIC + descriptor + len(content).to_bytes(4, "little") + block + content
+    return np.frombuffer(frame, np.uint8).copy()
+
+
 def test_corrupt_zstd_payloads_raise_payload_error():
     codes = skewed(np.random.default_rng(4), 10_000, 4)
     data = entropy_encode(codes, 4, "zstd")["data"]
-    flipped = data.copy()
-    flipped[len(data) // 2] ^= 0xFF
+    assert data[:4].tobytes() == ZSTD_MAGIC
+    bad_magic = data.copy()
+    bad_magic[0] ^= 0xFF  # not a zstd frame any more
+    reserved = data.copy()
+    reserved[4] |= 0b0000_1000  # the frame header descriptor's reserved bit must be 0
     cases = {
+        "magic": bad_magic,
+        "reserved-bit": reserved,
         "truncated": data[:-4],
         "trailing": np.concatenate([data, data[:3]]),
         "header-only": data[:6],
@@ -147,15 +172,32 @@ def test_corrupt_zstd_payloads_raise_payload_error():
         with pytest.raises(PayloadError):
             entropy_decode({"data": bad}, 4, codes.size, "zstd")
             pytest.fail(why)
-    try:  # a flipped byte either breaks the frame or decodes to valid-range symbols
-        out = entropy_decode({"data": flipped}, 4, codes.size, "zstd")
-        assert out.min() >= 0 and out.max() < 4
-    except PayloadError:
-        pass
+    with pytest.raises(PayloadError, match="corrupt"):
+        entropy_decode({"data": bad_magic}, 4, codes.size, "zstd")
     with pytest.raises(PayloadError):
         entropy_decode({"data": data}, 4, codes.size + 8, "zstd")  # wrong length
     with pytest.raises(PayloadError):
         entropy_decode({}, 4, codes.size, "zstd")
+
+
+def test_zstd_flipped_content_byte_decodes_to_the_flipped_symbols():
+    """Without a checksum a flipped content byte is not detected: with 4 symbols every
+    2-bit field is a valid symbol, so the decoder returns exactly the altered codes (the
+    server's range checks are what is left); a wrong declared size is still refused."""
+    codes = np.random.default_rng(6).integers(0, 4, 1000)
+    packed = pack_bits(codes, 2)
+    frame = raw_zstd_frame(packed.tobytes())
+    np.testing.assert_array_equal(entropy_decode({"data": frame}, 4, codes.size, "zstd"), codes)
+    flipped = frame.copy()
+    flipped[-100] ^= 0xFF  # a content byte of the raw block: 4 symbols change
+    out = entropy_decode({"data": flipped}, 4, codes.size, "zstd")
+    changed = packed.copy()
+    changed[-100] ^= 0xFF
+    want = unpack_bits(changed, 2, codes.size)
+    np.testing.assert_array_equal(out, want)
+    assert (out != codes).sum() == 4 and out.min() >= 0 and out.max() < 4
+    with pytest.raises(PayloadError, match="holds"):
+        entropy_decode({"data": raw_zstd_frame(packed.tobytes()[:-1])}, 4, codes.size, "zstd")
 
 
 def test_zstd_rejects_out_of_range_symbols():
@@ -208,8 +250,8 @@ def real_codes(compressor: str, bits: int) -> tuple[np.ndarray, int]:
     """Codes of real features: the tiny model's connector output on synthetic images."""
     import torch
 
-    from sim.client_ops import client_batch, client_runtime, micro_batch
     from sim.config import SplitConfig
+    from sim.training.client import client_batch, client_runtime, micro_batch
 
     cfg = SplitConfig(compressor=compressor, bits=bits, batch_size=8, num_samples=120, hidden_size=32, image_size=16,
                       patch_size=4, nf_block=32)

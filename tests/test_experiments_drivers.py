@@ -49,15 +49,17 @@ def test_bitsweep_bytes_come_from_the_messages(sweep_dir):
     assert (s.down_wire_bytes_per_sample > TOKENS * DIM * 4).all()
 
 
-def test_bitsweep_resumes_without_rerunning(sweep_dir):
+def test_bitsweep_resumes_without_rerunning(sweep_dir, monkeypatch):
     before = pd.read_csv(sweep_dir / "bitsweep.csv")
+    monkeypatch.setattr(bitsweep.os, "getloadavg", lambda: (3.25, 2.0, 1.0))  # a machine with other jobs on it
     args = ["--quick", "--methods", "identity,rdfsq", "--bits", "2", "--seeds", "0,1", "--jobs", "1", "--out", str(sweep_dir)]
     assert bitsweep.main(args) == 0
     after = pd.read_csv(sweep_dir / "bitsweep.csv")
     assert len(after) == len(before)  # every run of the smaller grid was already there
     inv = pd.read_csv(sweep_dir / "bitsweep_invocations.csv")
     assert inv.runs.tolist()[-1] == 0
-    assert len(inv) == 2 and (inv.load_1m_at_start >= 0).all()  # every invocation records the machine's load
+    assert len(inv) == 2 and inv.load_1m_at_start.tolist()[-1] == 3.25  # every invocation records the machine's load
+    assert inv.load_1m_at_start.notna().all()
     assert "| fsq |" not in (sweep_dir / "bitsweep.md").read_text()  # the report shows the requested grid only
 
 
@@ -100,7 +102,8 @@ def test_bad_data_path_is_a_clear_error(tmp_path, capsys):
 def test_entropy_quick(tmp_path):
     assert entropy.main(["--quick", "--out", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "entropy.json").read_text())
-    assert isinstance(summary["recommended_bits"], int) and summary["recommended_bits"] >= 1
+    scaled = summary["trained"]["scaled"]  # b = ceil(H) of the pooled entropy of the scaled features, at least 1
+    assert summary["recommended_bits"] == scaled["recommended_bits"] == max(1, math.ceil(scaled["pooled_mean"]))
     rows = pd.read_csv(tmp_path / "entropy.csv")
     assert set(rows.space) == {"connector", "projected", "scaled"} and rows.batch.max() == 3
     codes = pd.read_csv(tmp_path / "entropy_codes.csv")
@@ -128,9 +131,9 @@ def test_comm_quick_without_flower(tmp_path):
 
 
 def test_cloud_only_jpeg_accuracy_evaluates_the_trained_model_on_jpeg_images():
-    from sim.client_ops import client_runtime
     from sim.config import SplitConfig
-    from sim.reference import run_reference
+    from sim.training.client import client_runtime
+    from sim.training.reference import run_reference
 
     cfg = SplitConfig.from_run_config({**QUICK_BUDGET, **comm.method_overrides("identity", 16)})
     res = run_reference(cfg, 2)
@@ -236,9 +239,10 @@ def test_comm_quick_flower_runs_match_the_in_process_measure(tmp_path):
     assert (train.steady_exchange_s.diff().dropna() < 0).all()  # faster links, shorter exchanges
 
 
-def test_spine_recipe_records_per_type_and_train_accuracy_and_keeps_old_rows(tmp_path):
+def test_spine_recipe_records_per_type_and_train_accuracy_and_keeps_old_rows(tmp_path, monkeypatch):
     from experiments import spine_recipe
 
+    monkeypatch.setattr(spine_recipe.os, "getloadavg", lambda: (1.75, 1.0, 1.0))
     out = tmp_path / "recipe.csv"
     pd.DataFrame([{"overrides": "lr=1e-3", "clients": 4, "final_accuracy": 0.5, "accuracy_per_round": "0.5",
                    "wall_s": 9}]).to_csv(out, index=False)  # an older file, without the newer columns
@@ -250,16 +254,16 @@ def test_spine_recipe_records_per_type_and_train_accuracy_and_keeps_old_rows(tmp
     assert df.overrides.tolist() == ["lr=1e-3", " ".join(tiny)]
     new = df.iloc[1]
     assert len(new.accuracy_per_round.split()) == 2 and new.final_accuracy == float(new.accuracy_per_round.split()[-1])
-    assert 0 <= new.train_accuracy <= 1 and new.load_1m_at_start >= 0
+    assert 0 <= new.train_accuracy <= 1 and new.load_1m_at_start == 1.75
     per_type = [c for c in df.columns if c.startswith("acc_")]
     assert per_type and all(0 <= new[c] <= 1 for c in per_type)
     assert math.isnan(df.iloc[0].train_accuracy)
 
 
 def test_evaluate_global_scores_training_examples_on_request():
-    from sim.client_ops import client_runtime
     from sim.config import SplitConfig
-    from sim.reference import evaluate_global, run_reference
+    from sim.training.client import client_runtime
+    from sim.training.reference import evaluate_global, run_reference
 
     cfg = SplitConfig.from_run_config({"num-server-rounds": 1, "local-steps": 1, "steps-per-exchange": 1, "batch-size": 4,
                                        "num-samples": 120, "hidden-size": 32, "image-size": 16, "vision-layers": 1,
@@ -268,3 +272,14 @@ def test_evaluate_global_scores_training_examples_on_request():
     test_total = sum(len(client_runtime(cfg, p, 2).test_idx) for p in range(2))
     assert evaluate_global(cfg, res.server, res.client_weights, 2, 1)["all"][1] == test_total
     assert evaluate_global(cfg, res.server, res.client_weights, 2, 1, train_samples=5)["all"][1] == 2 * 5
+
+
+def test_parity_quick_finds_the_simulation_and_the_reference_equal(tmp_path):
+    from experiments import parity
+
+    assert parity.main(["--quick", "--clients", "2", "--out", str(tmp_path)]) == 0  # 0: every step equal
+    table = pd.read_csv(tmp_path / "parity.csv")
+    assert len(table) == 2 * 6 and (table.flower == table.in_process_threads_1).all()
+    assert table.in_process_threads_2.notna().all()
+    md = (tmp_path / "parity.md").read_text()
+    assert "| in process (`python -m sim run --in-process`), Ray's thread count | 1 | 12 | 12 | 0 | none |" in md

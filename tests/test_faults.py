@@ -20,11 +20,11 @@ from flwr.app import ArrayRecord
 from loopback import LoopbackGrid, request_where
 
 from server_app.server_app import run_server
-from sim.checkpoint import load_checkpoint
 from sim.config import ConfigError, SplitConfig
-from sim.faults import EVAL, Fault, parse_faults
+from sim.config.faults import EVAL, Fault, parse_faults
 from sim.model import fold_client_state
-from sim.server_ops import fedavg, initial_client_weights
+from sim.run.checkpoint import load_checkpoint
+from sim.training.server import build_server, fedavg, initial_client_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = "train.split_step"
@@ -86,7 +86,8 @@ def test_client_that_raises_is_dropped_and_left_out_of_fedavg(tmp_path):
     assert pd.isna(metrics.iloc[1]["dropped"])  # nobody dropped in round 2
     # round 2 starts from exactly the FedAvg of the two clients that finished round 1
     assert sorted(finals[1]) == [0, 2]
-    want = fold_client_state(cfg, fedavg([finals[1][p][0] for p in (0, 2)], [finals[1][p][1] for p in (0, 2)]))
+    avg = fedavg([finals[1][p][0] for p in (0, 2)], [finals[1][p][1] for p in (0, 2)])
+    want = fold_client_state(build_server(cfg).model.specs(), avg)
     assert set(starts[2]) == set(want) and all(torch.equal(starts[2][k], want[k]) for k in want)
     assert sorted(finals[2]) == [0, 1, 2]  # partition 1 is back in round 2
     # the ledger keeps what partition 1 sent (exchange 0) and was sent (exchanges 0 and 1), nothing after

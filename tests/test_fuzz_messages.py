@@ -23,13 +23,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sim.config import SplitConfig
-from sim.protocol import (
-    NodeIdentity, client_evaluate, client_hello, client_train, eval_request, hello_schema,
-    parse_eval_reply, parse_train_reply, train_request,
-)
-from sim.schema import Expect, validate, weight_spec
-from sim.server_ops import build_server, exchange_schedule, initial_client_weights
-from sim.wire import WireError
+from sim.training.client_handlers import client_evaluate, client_hello, client_train
+from sim.training.node import NodeIdentity
+from sim.training.server import build_server, exchange_schedule, initial_client_weights
+from sim.wire.arrays import WireError
+from sim.wire.messages import eval_request, hello_schema, parse_eval_reply, parse_train_reply, train_request
+from sim.wire.schema import Expect, validate, weight_spec
 
 NODE = NodeIdentity(partition=1, num_partitions=2)
 COMPRESSORS = [("rdfsq", 2), ("identity", 16), ("topk", 4), ("nf", 3)]
@@ -73,22 +72,22 @@ def _bases() -> list[Base]:
         state = RecordDict()
         (apply0, enc0), (apply1, enc1) = exchange_schedule(cfg)
         first = client_train(train_request(cfg, 3, 0, apply0, enc0, False, weights=w0), state, NODE)
-        up = parse_train_reply(first, cfg, s.model, s.tokens, s.dim, s.vocab_size, s.pad_id, len(enc0), False,
+        up = parse_train_reply(first, cfg, s.model.codecs(), s.tokens, s.dim, s.vocab_size, s.pad_id, len(enc0), False,
                                expect=Expect(3, 0, 1, max_text_tokens=positions))
-        grads = [torch.randn_like(y) * 1e-3 for y in up.y_hats]
+        grads = [y.map(lambda _, t: torch.randn_like(t) * 1e-3) for y in up.y_hats]
         final = client_train(train_request(cfg, 3, 1, apply1, enc1, True, grads=grads), state, NODE)
         ev = client_evaluate(eval_request(cfg, 3, w0), RecordDict(), NODE)
 
         def train_parser(content, cfg=cfg, s=s, n=len(enc0), positions=positions):
-            return parse_train_reply(content, cfg, s.model, s.tokens, s.dim, s.vocab_size, s.pad_id, n, False,
+            return parse_train_reply(content, cfg, s.model.codecs(), s.tokens, s.dim, s.vocab_size, s.pad_id, n, False,
                                      expect=Expect(3, 0, 1, max_text_tokens=positions))
 
         def final_parser(content, cfg=cfg, s=s, spec=weight_spec(w0), positions=positions):
-            return parse_train_reply(content, cfg, s.model, s.tokens, s.dim, s.vocab_size, s.pad_id, 0, True,
+            return parse_train_reply(content, cfg, s.model.codecs(), s.tokens, s.dim, s.vocab_size, s.pad_id, 0, True,
                                      expect=Expect(3, 1, 1, weights=spec, max_text_tokens=positions))
 
         def eval_parser(content, cfg=cfg, s=s, positions=positions):
-            return parse_eval_reply(content, cfg, s.model, s.tokens, s.dim, s.vocab_size,
+            return parse_eval_reply(content, cfg, s.model.codecs(), s.tokens, s.dim, s.vocab_size,
                                     expect=Expect(3, partition=1, max_text_tokens=positions))
 
         for kind, reply, parser, required in (
@@ -98,7 +97,7 @@ def _bases() -> list[Base]:
         ):
             parser(reply)  # the unmodified reply is valid
             out.append(Base(f"{compressor}-{kind}", kind, *_plain(reply), required, parser))
-    hello = client_hello(RecordDict(), NODE)
+    hello = client_hello(RecordDict(), RecordDict(), NODE)
     out.append(Base("hello", "hello", {}, dict(hello.config_records["meta"]), ("partition-id", "num-partitions"),
                     lambda c: validate(c, hello_schema())))
     return out

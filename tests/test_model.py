@@ -6,11 +6,11 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
 from sim.data import generate_synthetic_vqa, synthetic_vocabulary, write_llava_json
+from sim.data.tokenizer import build_word_tokenizer, get_tokenizer
 from sim.model import build_client_model, build_server_model
-from sim.reference import run_reference
-from sim.server_ops import build_server
-from sim.split_step import image_split
-from sim.tokenizer import build_word_tokenizer, get_tokenizer
+from sim.training.reference import run_reference
+from sim.training.server import build_server
+from sim.training.split_step import image_split
 
 
 def save_tiny_pretrained(tmp_path):

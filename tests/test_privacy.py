@@ -14,16 +14,16 @@ import torch
 
 from experiments.attack import DecoderBudget, fit_decoder, image_metrics, reconstruct
 from experiments.privacy_capture import capture_eval_uplink, observe, text_recovery
-from sim.batches import eval_text, pixels
-from sim.client_ops import client_runtime, load_weights
 from sim.config import ConfigError, SplitConfig
 from sim.data import load_examples
+from sim.data.batches import eval_text, pixels
 from sim.data.casestudy import generate_faces_vqa
-from sim.feature_noise import add_feature_noise
+from sim.data.tokenizer import get_tokenizer
 from sim.model import build_client_model, load_client_state
-from sim.server_ops import build_server, initial_client_weights
-from sim.tokenizer import get_tokenizer
-from sim.wire import record_to_arrays
+from sim.model.feature_noise import add_feature_noise
+from sim.training.client import client_runtime, load_weights
+from sim.training.server import build_server, initial_client_weights
+from sim.wire.arrays import record_to_arrays
 
 ROOT = Path(__file__).resolve().parents[1]
 

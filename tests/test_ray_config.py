@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from sim.cli import ray_backend_config
 from sim.config import SplitConfig
+from sim.run.cli import ray_backend_config
 
 
 def test_local_ray_is_sized_for_this_machine():

@@ -21,8 +21,8 @@ import torch
 from loopback import LoopbackGrid, request_where
 
 from server_app.server_app import run_server
-from sim.checkpoint import CHECKPOINT, load_checkpoint
 from sim.config import ConfigError, SplitConfig
+from sim.run.checkpoint import CHECKPOINT, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = ["wall_s", "train_s", "runtime_s", "client_compute_s"]  # wall-clock columns differ run to run

@@ -5,10 +5,10 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
-from sim.config import ConfigError, SplitConfig
-from sim.model import ClientBatch, active_streams, build_client_model, build_server_model, client_state_names
-from sim.tokenizer import get_tokenizer
-from sim.vit_split import VisionHead, VisionTail
+from sim.config import ConfigError, SplitConfig, active_streams
+from sim.data.tokenizer import get_tokenizer
+from sim.model import ClientBatch, build_client_model, build_server_model, client_state_names
+from sim.model.vit_split import VisionHead, VisionTail
 
 
 def tower(layers: int = 3) -> SiglipVisionModel:
@@ -62,7 +62,7 @@ def test_split_model_halves_match_the_unsplit_tower(tiny_cfg, mode):
     client = build_client_model(cfg)
     server = build_server_model(cfg, len(get_tokenizer(cfg)))
     assert active_streams(cfg) == (("image", "residual") if mode == "transmit" else ("image",))
-    assert set(client.codecs()) == set(active_streams(cfg)) == set(server.codecs())
+    assert client.codecs().names() == tuple(active_streams(cfg)) == server.codecs().names()
     # the client keeps only embeddings, block 0 and LN1 of block 1; the server the rest + connector
     names = client_state_names(client)
     assert not any("post_layernorm" in n or "connector" in n for n in names)
@@ -73,8 +73,7 @@ def test_split_model_halves_match_the_unsplit_tower(tiny_cfg, mode):
     full = build_client_model(cfg.replace(split_point="connector")).tower  # same seed: the same initial tower
     with torch.no_grad():
         encs = client.encode(ClientBatch(px))
-        streams = {s: e.y for s, e in encs.items()}
-        got = server.image_embeds(streams)
+        got = server.image_embeds(encs.map(lambda _, e: e.y))
         x, h = client.tower(px)
         if mode == "transmit":
             want = server.connector(full(pixel_values=px).last_hidden_state)

@@ -9,11 +9,21 @@ import torch
 from vector_quantize_pytorch import VectorQuantize
 
 from sim.compress.base import Payload, PayloadError
-from sim.compress.packing import pack_bits
-from sim.compress.vq import (
-    CLUSTER_SIZE, CODEBOOK_BUFFERS, EMBED, EMBED_AVG, VQClient, VQServer, codebook_from_state, codebook_keys,
+from sim.compress.codecs.vq import (
+    CLUSTER_SIZE,
+    CODEBOOK_BUFFERS,
+    EMBED,
+    EMBED_AVG,
+    INITTED,
+    VQ,
+    VQClient,
+    VQServer,
+    VQSettings,
+    codebook_from_state,
+    codebook_keys,
     fold_ema,
 )
+from sim.compress.packing import pack_bits
 
 torch.set_num_threads(1)
 DIM = 8
@@ -24,10 +34,17 @@ def features(seed: int = 0, shape=SHAPE) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
+def vq(bits: int = 4, seed: int = 0, codebook_size: int | None = None, **settings) -> VQ:
+    """The codec definition; ``settings`` are :class:`VQSettings` fields (2 k-means iterations here)."""
+    return VQ(DIM, bits, VQSettings(**{"kmeans_iters": 2, **settings}), seed, codebook_size)
+
+
 def make(bits: int = 4, seed: int = 0, x: torch.Tensor | None = None, **kw) -> tuple[VQClient, VQServer]:
     """Seeded halves with the client's k-means codebook installed on the server."""
     torch.manual_seed(seed)
-    client, server = VQClient(DIM, bits, kmeans_iters=2, seed=seed, **kw), VQServer(DIM, bits, kw.get("codebook_size"))
+    spec = vq(bits, seed, **kw)
+    client, server = spec.client(), spec.server()
+    assert isinstance(client, VQClient) and isinstance(server, VQServer)
     client.init_codebook(features(seed) if x is None else x)
     server.load_codebook(codebook_from_state(client.state_dict()))
     return client, server
@@ -64,7 +81,7 @@ def test_codes_are_the_nearest_codewords():
 
 
 def test_vectorquantize_settings():
-    client, _ = make(4, beta=0.5, decay=0.95)
+    client, _ = make(4, beta=0.5, ema_decay=0.95)
     vq, cb = client.vq, client.vq._codebook
     assert isinstance(vq, VectorQuantize)
     assert vq.rotation_trick is False and vq.directional_reparam is False  # plain STE
@@ -72,8 +89,9 @@ def test_vectorquantize_settings():
     assert cb.decay == 0.95 and vq.commitment_weight == 0.5 and vq.codebook_size == 16
     assert vq.ema_update and cb.manual_ema_update and not vq.learnable_codebook
     assert cb.kmeans_iters == 2 and not cb.has_dead_code_replacement and not cb.use_ddp
-    default = VQClient(DIM, 4)
+    default = VQ(DIM, 4).client()
     assert default.vq._codebook.decay == 0.99 and default.vq.commitment_weight == 0.25
+    assert default.vq._codebook.kmeans_iters == 10
     # the library's own defaults, which the codec overrides
     params = inspect.signature(VectorQuantize).parameters
     assert params["decay"].default == 0.8 and params["rotation_trick"].default is None
@@ -159,7 +177,8 @@ def test_same_seed_same_input_same_codes():
 
 def test_kmeans_init_runs_once_and_leaves_global_rng():
     torch.manual_seed(0)
-    client = VQClient(DIM, 4, kmeans_iters=2)
+    client = vq(4).client()
+    assert client.needs_init
     with pytest.raises(RuntimeError, match="not initialised"):
         client(features(0))
     rng = torch.get_rng_state()
@@ -168,7 +187,7 @@ def test_kmeans_init_runs_once_and_leaves_global_rng():
     book = client.codebook.clone()
     assert client.init_codebook(features(9)) is False
     client(features(9).requires_grad_(True))
-    assert torch.equal(client.codebook, book) and client.initialised
+    assert torch.equal(client.codebook, book) and client.initialised and not client.needs_init
 
 
 def test_fold_ema_matches_the_library_update():
@@ -176,7 +195,8 @@ def test_fold_ema_matches_the_library_update():
     for s in range(3):
         client(features(10 + s).requires_grad_(True))
     folded = fold_ema(client.state_dict())
-    ref = VQClient(DIM, 4)
+    assert torch.equal(vq(4).fold_synced(client.state_dict())[EMBED], folded[EMBED])  # the definition's round step
+    ref = VQ(DIM, 4).client()
     ref.load_state_dict(client.state_dict())
     ref.vq._codebook.update_ema()  # the library's own EMA -> codebook step
     assert torch.equal(folded[EMBED], ref.state_dict()[EMBED])
@@ -188,13 +208,14 @@ def test_fedavg_then_fold_syncs_clients_and_server():
     """Two clients accumulate on different data; averaging their buffers then folding
     gives one codebook that both clients and the server decode with."""
     base, server = make(4)
-    clients = [VQClient(DIM, 4), VQClient(DIM, 4)]
+    clients = [VQ(DIM, 4).client(), VQ(DIM, 4).client()]
     for i, c in enumerate(clients):
         c.load_state_dict(base.state_dict())
         c(features(20 + i).requires_grad_(True))
-    keys = [k for k in CODEBOOK_BUFFERS if k != "vq._codebook.initted"]
+    assert clients[0].synced_buffers == CODEBOOK_BUFFERS
+    keys = [k for k in CODEBOOK_BUFFERS if k != INITTED]
     avg = {k: (clients[0].state_dict()[k] + 2 * clients[1].state_dict()[k]) / 3 for k in keys}
-    avg["vq._codebook.initted"] = torch.tensor(True)
+    avg[INITTED] = torch.tensor(True)
     new = fold_ema(avg)
     assert not torch.equal(new[EMBED], base.state_dict()[EMBED])
     server.load_codebook(codebook_from_state(new))
@@ -208,7 +229,7 @@ def test_fedavg_then_fold_syncs_clients_and_server():
 
 
 def test_codebook_from_state_checks():
-    client = VQClient(DIM, 4)
+    client = VQ(DIM, 4).client()
     with pytest.raises(ValueError, match="never initialised"):
         codebook_from_state(client.state_dict())
     with pytest.raises(KeyError):
@@ -216,7 +237,7 @@ def test_codebook_from_state_checks():
 
 
 def test_load_codebook_validates():
-    server = VQServer(DIM, 4)
+    server = VQ(DIM, 4).server()
     with pytest.raises(RuntimeError, match="no codebook"):
         server.unpack(Payload(codes={"index": np.zeros(16, np.uint8)}), SHAPE)
     for bad in (torch.zeros(15, DIM), torch.zeros(1, 16, DIM), torch.zeros(16, DIM + 1),
@@ -263,6 +284,8 @@ def test_index_beyond_a_smaller_codebook_raises():
     with pytest.raises(PayloadError, match="codebook size"):
         server.unpack(Payload(codes={"index": pack_bits(bad, 3)}), SHAPE)
     with pytest.raises(ValueError):
-        VQClient(DIM, 3, codebook_size=9)
+        VQ(DIM, 3, codebook_size=9)
     with pytest.raises(ValueError):
-        VQServer(DIM, 17)
+        VQ(DIM, 3, codebook_size=1)
+    with pytest.raises(ValueError):
+        VQ(DIM, 17)

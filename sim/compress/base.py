@@ -1,33 +1,67 @@
-"""The compressor interface shared by client and server.
+"""The compressor interface: one definition per codec, shared by its client and server halves.
 
-Every compressor is one module with two halves built from the same class:
+A codec is one module in ``sim/compress/codecs/`` (docs/adding-a-compressor.md). Its
+:class:`Codec` subclass *declares* everything the rest of the project derives from it:
 
-* the **client half** (an ``nn.Module`` whose weights are FedAvg'd with the rest of
-  the client model) maps features ``(B, N, D)`` to an :class:`Encoded` whose ``y``
-  is the differentiable (straight-through) value the server will reconstruct, and
-  packs it into a :class:`Payload` of plain numpy arrays;
-* the **server half** (an ``nn.Module`` trained on the server) unpacks a payload
-  back into ``y_hat`` (bitwise equal to the client's ``y``) after validating every
-  array, and maps ``y_hat`` to the LLM's input space.
+* ``Settings`` — a frozen dataclass of :func:`sim.settings.option` fields: its run-config
+  keys with defaults, allowed values and help;
+* ``bit_range`` and ``bit_unit`` — the widths ``bits`` may take, and what one bit counts
+  (``value``: per feature value, ``token``: per token, ``None``: unused);
+* ``streams`` — which streams it can serve: ``image``, ``residual``, ``text`` (uplink
+  features) and ``gradient`` (the downlink);
+* ``integer_codes`` — whether its payload's ``codes.index`` holds integer codes that
+  entropy coding (``entropy-coding``) can compress; then :meth:`Codec.index_layout` says
+  how many, of how many bits, from which alphabet;
+* :meth:`Codec.layout` — its wire layout: the exact name, dtype and element count of
+  every payload array for features of a given shape.
 
-Data flow::
+An instance (``Codec(dim, bits, settings, seed)``) is that definition for one feature
+width; its :meth:`Codec.client` and :meth:`Codec.server` build the two halves, which
+keep it as ``spec``::
 
-    client: x (B,N,D) --encode--> Encoded(y, codes, aux_loss) --pack--> Payload
-    server: Payload --unpack--> y_hat (B,N,D) --forward--> LLM inputs (B,N,D)
-    server: dL/dy_hat --(downlink)--> client: y.backward(dL/dy_hat)
+    client: x (B,N,D) --ClientCodec.forward--> Encoded(y, codes, aux_loss) --pack--> Payload
+    server: Payload --ServerCodec.unpack (layout check, then decode)--> y_hat (B,N,D)
+            y_hat --ServerCodec.forward--> LLM inputs;  dL/dy_hat --(downlink)--> client
+
+The client half is an ``nn.Module`` whose weights are FedAvg'd with the client model;
+``y`` carries the straight-through gradient and equals the server's ``y_hat`` bitwise.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
+from sim.settings import option
+
+STREAMS = ("image", "residual", "text", "gradient")
+FEATURE_STREAMS = ("image", "residual", "text")
+
 
 class PayloadError(ValueError):
     """A payload from a peer that fails validation (wrong dtype/shape/range/values)."""
+
+
+@dataclass(frozen=True)
+class NoSettings:
+    """The settings of a codec that has none but ``bits``."""
+
+
+@dataclass(frozen=True)
+class WireArray:
+    """One payload array of the wire layout: numpy dtype name and element count (1-D)."""
+
+    dtype: str
+    count: int
+
+
+Layout = dict[str, WireArray]  # "codes.<name>" / "side.<name>" -> dtype and size
+IndexLayout = tuple[int, int, int]  # (number of codes, packed bits per code, alphabet size)
 
 
 @dataclass
@@ -56,7 +90,7 @@ class Payload:
         return self.code_bytes + self.side_bytes
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """All arrays, code names first, side names prefixed with ``side.``."""
+        """All arrays, code names prefixed with ``codes.``, side names with ``side.``."""
         out = {f"codes.{k}": v for k, v in self.codes.items()}
         out.update({f"side.{k}": v for k, v in self.side.items()})
         return out
@@ -81,19 +115,92 @@ class Encoded:
     side: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-IndexLayout = tuple[int, int, int]  # (number of codes, packed bits per code, alphabet size)
+class Codec:
+    """The one definition of a compressor (see the module docstring).
+
+    Subclasses set the class attributes and implement :meth:`layout` plus either the two
+    halves (``Client``/``Server``, for the feature streams) or :meth:`encode_gradient` /
+    :meth:`decode_gradient` (for the gradient stream), or both."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]  # one line, for the generated tables
+    streams: ClassVar[frozenset[str]]
+    bit_range: ClassVar[tuple[int, int]] = (1, 16)
+    bit_unit: ClassVar[str | None] = "value"
+    integer_codes: ClassVar[bool] = False
+    Settings: ClassVar[type] = NoSettings
+    # Run-config keys that experiments comparing codecs set for this one (e.g. the split
+    # point its paper uses); empty for most.
+    sweep: ClassVar[dict[str, Any]] = {}
+    Client: ClassVar[type[ClientCodec] | None] = None
+    Server: ClassVar[type[ServerCodec] | None] = None
+
+    def __init__(self, dim: int, bits: int, settings: Any = None, seed: int = 0) -> None:
+        lo, hi = self.bit_range
+        if isinstance(bits, bool) or not lo <= bits <= hi:
+            raise ValueError(f"{self.name} bits must be in {lo}..{hi}, got {bits}")
+        self.dim, self.bits, self.seed = int(dim), int(bits), int(seed)
+        self.settings = self.Settings() if settings is None else settings
+        self.check(self.settings, self.bits, self.dim)
+
+    # ---- declarations -------------------------------------------------------------------
+    @classmethod
+    def check(cls, settings: Any, bits: int, dim: int) -> None:
+        """Rules between the settings, the width and the feature dim (raise ``ValueError``)."""
+
+    def layout(self, shape: tuple[int, ...]) -> Layout:  # pragma: no cover - interface
+        """Every payload array for features of ``shape`` ``(B, N, D)``: name -> dtype, count."""
+        raise NotImplementedError
+
+    def index_layout(self, shape: tuple[int, ...]) -> IndexLayout | None:
+        """Layout of ``codes.index`` (``integer_codes`` codecs); None otherwise."""
+        return None
+
+    # ---- round-synchronised state (AlignedVQ's codebook, RD-FSQ's EMA statistics) -----
+    synced_buffers: tuple[str, ...] = ()  # client-half buffers that travel with the weights
+    init_flag: str | None = None  # the synced bool buffer that says the state is initialised
+
+    def fold_synced(self, state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+        """Next round's synced state from the FedAvg'd one (on the server, once per round)."""
+        return state
+
+    def needs_init(self, state: dict[str, torch.Tensor], prefix: str = "") -> bool:
+        """Whether a client state (the codec's buffers at ``prefix``) still lacks its
+        data-dependent initialisation."""
+        return self.init_flag is not None and not bool(state[prefix + self.init_flag])
+
+    # ---- halves --------------------------------------------------------------------------
+    def client(self) -> ClientCodec:
+        if self.Client is None:
+            raise ValueError(f"codec {self.name!r} has no client half (it serves only {sorted(self.streams)})")
+        return self.Client(self)
+
+    def server(self) -> ServerCodec:
+        if self.Server is None:
+            raise ValueError(f"codec {self.name!r} has no server half (it serves only {sorted(self.streams)})")
+        return self.Server(self)
+
+    # ---- the gradient stream (codecs with "gradient" in streams) ------------------------
+    def encode_gradient(self, g: torch.Tensor) -> dict[str, np.ndarray]:  # pragma: no cover - interface
+        """Compress a gradient (any shape, last dim ``D``) into ``codes.*`` / ``side.*`` arrays."""
+        raise NotImplementedError
+
+    def decode_gradient(self, arrays: dict[str, np.ndarray], shape: tuple[int, ...]) -> torch.Tensor:  # pragma: no cover
+        """Inverse of :meth:`encode_gradient`; validates every array (raises :class:`PayloadError`)."""
+        raise NotImplementedError
+
+    def gradient_layout(self, shape: tuple[int, ...]) -> Layout:  # pragma: no cover - interface
+        """The arrays :meth:`encode_gradient` produces for a gradient of ``shape``."""
+        raise NotImplementedError
 
 
 class ClientCodec(nn.Module):
-    """Client half: ``forward(x) -> Encoded`` and ``pack(Encoded) -> Payload``.
+    """Client half: ``forward(x) -> Encoded`` and ``pack(Encoded) -> Payload``."""
 
-    Round-synchronised state (optional; AlignedVQ's codebook, RD-FSQ's EMA statistics):
-    ``synced_buffers`` names buffers that must travel with the client weights and be
-    FedAvg'd; ``fold_synced`` turns the averaged state into next round's state (on the
-    server, once per round); ``needs_init``/``init_from`` run the data-dependent
-    initialisation (k-means, first statistics) before round 1."""
-
-    synced_buffers: tuple[str, ...] = ()
+    def __init__(self, spec: Codec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.dim, self.bits = spec.dim, spec.bits
 
     def forward(self, x: torch.Tensor) -> Encoded:  # pragma: no cover - interface
         raise NotImplementedError
@@ -101,45 +208,92 @@ class ClientCodec(nn.Module):
     def pack(self, enc: Encoded) -> Payload:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"{self.spec.name} expects feature dim {self.dim}, got {x.shape[-1]}")
+
+    @property
+    def synced_buffers(self) -> tuple[str, ...]:
+        return self.spec.synced_buffers
+
     def index_layout(self, shape: tuple[int, ...]) -> IndexLayout | None:
-        """Layout of ``codes.index`` for features of ``shape``; None without integer codes."""
-        return None
+        return self.spec.index_layout(shape)
 
     @property
     def needs_init(self) -> bool:
-        return False
+        return self.spec.init_flag is not None and not bool(self.get_buffer(self.spec.init_flag))
 
     def init_from(self, x: torch.Tensor) -> None:
         """Data-dependent initialisation from features ``x`` (B,N,D); no-op by default."""
-
-    @staticmethod
-    def fold_synced(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
-        """Next round's synced state from the FedAvg'd one (default: unchanged)."""
-        return state
 
 
 class ServerCodec(nn.Module):
     """Server half: ``unpack(Payload, shape) -> y_hat`` and ``forward(y_hat) -> x``.
 
-    ``array_sizes(shape)`` gives the exact element count of every payload array for a
-    batch of ``shape`` (used to split concatenated micro-batches of unequal sizes and
-    to validate them); ``load_synced`` installs the round-synchronised client state
-    the server half needs to decode (AlignedVQ's codebook)."""
+    :meth:`unpack` checks the payload against the codec's :meth:`Codec.layout` (exact
+    names, dtypes and sizes) before :meth:`decode` sees it; ``decode`` checks the values."""
 
-    def unpack(self, payload: Payload, shape: tuple[int, int, int]) -> torch.Tensor:  # pragma: no cover
+    def __init__(self, spec: Codec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.dim, self.bits = spec.dim, spec.bits
+
+    def unpack(self, payload: Payload, shape: tuple[int, int, int]) -> torch.Tensor:
+        if len(shape) != 3 or shape[-1] != self.dim:
+            raise PayloadError(f"expected shape (B, N, {self.dim}), got {tuple(shape)}")
+        arrays = check_layout(payload.arrays(), self.spec.layout(shape), self.spec.name)
+        return self.decode(arrays, tuple(int(s) for s in shape))
+
+    def decode(self, arrays: dict[str, np.ndarray], shape: tuple[int, int, int]) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    def forward(self, y_hat: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
+    def forward(self, y_hat: torch.Tensor) -> torch.Tensor:
+        return y_hat
 
-    def array_sizes(self, shape: tuple[int, int, int]) -> dict[str, int]:  # pragma: no cover - interface
-        raise NotImplementedError
+    def array_sizes(self, shape: tuple[int, int, int]) -> dict[str, int]:
+        """Element count of every payload array (splits concatenated micro-batches)."""
+        return {k: a.count for k, a in self.spec.layout(shape).items()}
 
     def index_layout(self, shape: tuple[int, ...]) -> IndexLayout | None:
-        return None
+        return self.spec.index_layout(shape)
 
     def load_synced(self, state: dict[str, torch.Tensor], prefix: str = "") -> None:
         """Install round-synchronised client state (default: nothing to install)."""
+
+
+# ----------------------------------------------------------------------------- helpers
+def check_layout(arrays: dict[str, np.ndarray], layout: Layout, codec: str) -> dict[str, np.ndarray]:
+    """``arrays`` if they are exactly ``layout``'s (names, 1-D, dtypes, sizes); else PayloadError."""
+    if set(arrays) != set(layout):
+        raise PayloadError(f"{codec} payload must hold {sorted(layout)}, got {sorted(arrays)}")
+    for name, want in layout.items():
+        a = arrays[name]
+        if not isinstance(a, np.ndarray):
+            raise PayloadError(f"payload array '{name}' is not an ndarray")
+        if a.dtype != np.dtype(want.dtype):
+            raise PayloadError(f"payload array '{name}' has dtype {a.dtype}, expected {np.dtype(want.dtype)}")
+        if a.ndim != 1 or a.size != want.count:
+            raise PayloadError(f"payload array '{name}' has shape {a.shape}, expected ({want.count},)")
+    return arrays
+
+
+def ema_decay_option():
+    """The ``ema-decay`` setting, shared by every codec with running statistics (RD-FSQ's
+    ``ema`` statistics, AlignedVQ's codebook): declare a field with it."""
+    return option(0.99, "per-step EMA decay of the AlignedVQ codebook statistics and of `rdfsq-stats=ema` "
+                  "(set explicitly: vector-quantize-pytorch defaults to 0.8)", lo=0.0, hi=0.999999, key="ema-decay")
+
+
+def fp16_directed(v: torch.Tensor, up: bool) -> torch.Tensor:
+    """Round float32 ``v`` to fp16 towards +inf (``up``) or -inf, so that side information
+    sent as fp16 still bounds what it describes (a block's minimum rounded down, its range
+    up); raises ``ValueError`` on NaN/inf or values beyond the fp16 range."""
+    h = v.to(torch.float16)
+    wrong = h.float() < v if up else h.float() > v
+    h = torch.where(wrong, torch.nextafter(h, torch.full_like(h, math.inf if up else -math.inf)), h)
+    if not torch.isfinite(h).all():
+        raise ValueError("side information is non-finite or overflows fp16 (features NaN/inf or |x| > 65504)")
+    return h
 
 
 def straight_through(value: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
@@ -166,3 +320,12 @@ def require_array(arrays: dict[str, np.ndarray], name: str, dtype: np.dtype, siz
 def require_finite(name: str, a: np.ndarray) -> None:
     if not np.isfinite(a).all():
         raise PayloadError(f"payload array '{name}' contains NaN or inf")
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    return int(math.prod(shape))
+
+
+def rows_of(shape: tuple[int, ...]) -> int:
+    """Tokens (rows of the last dim) in a tensor of ``shape``."""
+    return int(math.prod(shape[:-1]))

@@ -1,6 +1,6 @@
-"""Lossless entropy coding of integer code payloads (DESIGN.md section 2 item 9).
+"""Lossless entropy coding of integer code payloads (docs/compressors.md, "Entropy coding").
 
-Paper 000 derives the bit width from the source-coding bound (Shannon: a code needs
+Quantized-TinyLLaVA (arXiv 2511.23402) derives the bit width from the source-coding bound (Shannon: a code needs
 at least ``H`` bits per symbol on average) but sends fixed-width codes. This module
 closes that gap for any codec whose payload is integer indices in ``[0, S)``:
 

@@ -10,9 +10,19 @@ from __future__ import annotations
 
 import numpy as np
 
+from .base import PayloadError
+
 
 class PackError(ValueError):
     """A packed buffer that does not match what the receiver expects."""
+
+
+def unpack_codes(buf: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """:func:`unpack_bits` of a peer's payload: a malformed buffer is a ``PayloadError``."""
+    try:
+        return unpack_bits(buf, bits, count)
+    except PackError as err:
+        raise PayloadError(str(err)) from None
 
 
 def packed_nbytes(count: int, bits: int) -> int:

@@ -1,0 +1,141 @@
+"""The core run-config keys, each declared once (:class:`sim.settings.Setting`).
+
+A compressor's own keys (``rdfsq-stats``, ``nf-block``, ...) are declared in its module
+(``sim/compress/codecs/``). Rules that relate several keys are in :mod:`sim.config.rules`.
+The ``[tool.flwr.app.config]`` table of ``pyproject.toml`` and the README's table are
+generated from these declarations (``python -m sim docs --write``).
+"""
+
+from __future__ import annotations
+
+import re
+
+from sim.compress import codec_names
+from sim.settings import Setting
+
+from .faults import parse_faults
+
+TINY = "tiny"
+SPLIT_POINT = re.compile(r"vit-ln1:(0|[1-9][0-9]{0,3})")  # vit-ln1:k = after LayerNorm 1 of vision block k
+IMAGE_POSITIONS = ("first", "after-question", "before-last-token")
+DATASETS = ("synthetic", "llava-json", "pathology", "retina", "faces")
+CASE_STUDIES = ("pathology", "retina", "faces")
+
+
+def _split_point(value: str) -> None:
+    if value != "connector" and not SPLIT_POINT.fullmatch(value):
+        raise ValueError(f"{value!r} is not 'connector' or 'vit-ln1:K' (after LayerNorm 1 of vision block K, e.g. vit-ln1:0)")
+
+
+def _fault_spec(value: str) -> None:
+    parse_faults(value)
+
+
+def _not_empty(value: str) -> None:
+    if not value:
+        raise ValueError("it is empty")
+
+
+def _run_name(value: str) -> None:
+    if value and (value == ".." or "/" in value.strip("/")):
+        raise ValueError(f"{value!r} must be a plain name or '.'")
+
+
+S = Setting
+CORE: tuple[Setting, ...] = (
+    # --- federation and optimisation ---------------------------------------------------------
+    S("num-server-rounds", 10, "federated rounds", lo=1, hi=100_000),
+    S("fraction-train", 1.0, "fraction of clients sampled per round (seeded)", lo=0.0, hi=1.0, lo_open=True),
+    S("fraction-evaluate", 1.0, "fraction of clients that run split inference each round (seeded; all at 1.0)",
+      lo=0.0, hi=1.0, lo_open=True),
+    S("min-train-clients", 1, "a round with fewer live clients is skipped", lo=1, hi=1_000_000),
+    S("local-steps", 200, "micro-batches per client per round", lo=1, hi=1_000_000),
+    S("steps-per-exchange", 20, "micro-batches per message exchange (see staleness in docs/protocol.md)", lo=1, hi=4096),
+    S("batch-size", 8, "micro-batch size per client", lo=1, hi=65_536),
+    S("lr", 5e-4, "AdamW peak learning rate on both sides (1e-3 made RD-FSQ at 2 bits unstable, docs/results-spine.md)",
+      lo=0.0, hi=10.0, lo_open=True),
+    S("lr-schedule", "cosine", "per-step rate: linear warm-up over `warmup-steps`, then cosine decay to "
+      "`min-lr-ratio`·`lr` at the last step (`constant`: always `lr`)", choices=("cosine", "constant")),
+    S("warmup-steps", 100, "linear warm-up steps of the cosine schedule", lo=0, hi=10_000_000),
+    S("min-lr-ratio", 0.1, "the cosine schedule's final rate as a fraction of `lr`", lo=0.0, hi=1.0),
+    S("weight-decay", 0.0, "AdamW weight decay on both sides", lo=0.0, hi=10.0),
+    S("adam-beta2", 0.999, "AdamW's beta2 on both sides (0.95 with grad-clip 1.0 did not make higher rates work, "
+      "docs/results-spine.md)", lo=0.0, hi=0.99999),
+    S("grad-clip", 0.0, "per-step gradient-norm clip on both sides (0 = off)", lo=0.0, hi=1e6),
+    S("seed", 0, "all randomness (init, data, sampling)", lo=0, hi=2**31 - 1),
+    S("exchange-timeout-s", 600.0, "per-exchange reply timeout; late clients are dropped for the round",
+      lo=0.0, hi=86_400.0, lo_open=True),
+    S("expected-clients", 0, "the ServerApp waits for this many SuperNodes before round 1 (`python -m sim run` sets "
+      "it to `--clients`)", lo=0, hi=10_000_000),
+    S("fault-inject", "", "fault injection for reliability tests, off when empty: `raise@P:R:E` (partition P raises "
+      "in round R, exchange E or `eval`), `delay@P:R:E:S` (replies S seconds late); docs/reliability.md",
+      check=_fault_spec),
+    S("checkpoint", True, "save `checkpoint.pt` in the run directory after every round (and each client's optimiser "
+      "state under `client-state/`), so `python -m sim run --resume DIR` can continue"),
+    # --- compression -----------------------------------------------------------------------
+    S("compressor", "rdfsq", "the uplink codec of the image features: a registered codec serving the image stream "
+      "(`python -m sim codecs` lists them; docs/compressors.md)", choices=lambda: codec_names("image"),
+      allowed_text="a codec serving `image`"),
+    S("bits", 2, "bits per feature value (per token for `vq`); each codec's range: `python -m sim codecs`"),
+    S("split-point", "connector", "`connector` (after the connector, Quantized-TinyLLaVA) or `vit-ln1:K` (after "
+      "LayerNorm 1 of vision block K, AlignedVQ; the server runs the rest of the tower and the connector; SigLIP "
+      "towers)", check=_split_point),
+    S("residual-mode", "rebuild", "at `vit-ln1:K`: `rebuild` the block's residual from the decoded features (no extra "
+      "bytes, what AlignedVQ's byte count implies) or `transmit` a compressed copy", choices=("rebuild", "transmit")),
+    S("residual-compressor", "nf", "codec of the transmitted residual (a codec serving the residual stream)",
+      choices=lambda: codec_names("residual"), allowed_text="a codec serving `residual`"),
+    S("residual-bits", 4, "bits of the transmitted residual (the residual codec's range)"),
+    S("entropy-coding", "none", "`ans` (constriction ANS, one histogram per message) or `zstd` on the integer codes "
+      "of every stream whose codec has them; bytes counted as sent", choices=("none", "ans", "zstd")),
+    S("grad-compressor", "none", "codec of the downlink gradients (a codec serving the gradient stream; `none`: fp32)",
+      choices=lambda: codec_names("gradient"), allowed_text="a codec serving `gradient`"),
+    S("grad-bits", 4, "bits of the downlink gradient codec (its range)"),
+    S("text-mode", "ids", "`ids`: text goes up as token ids (the server sees questions and answers); `quantized`: the "
+      "client embeds the text with a frozen copy of the LLM's embedding table and sends it through a separate "
+      "quantiser, only the answers go up as ids (labels); docs/compressors.md says what each reveals",
+      choices=("ids", "quantized")),
+    S("text-compressor", "same", "codec of the quantised text (`same` = `compressor`; a codec serving the text stream)",
+      choices=lambda: ("same", *codec_names("text")), allowed_text="`same`, or a codec serving `text`"),
+    S("text-bits", 0, "bits of the quantised text (0 = `bits`)", lo=0, hi=16),
+    S("feature-noise", 0.0, "sigma of Gaussian noise the client adds to its pre-quantisation features (a privacy "
+      "defence; seeded per image, 0 = off; docs/privacy.md)", lo=0.0, hi=1e6),
+    S("image-position", "after-question", "`after-question` (image tokens right after the first question), "
+      "`before-last-token` (the same, but the question's last token follows the image and reads the answer out) or "
+      "`first` (LLaVA order)", choices=IMAGE_POSITIONS),
+    # --- data ------------------------------------------------------------------------------
+    S("dataset", "synthetic", "`synthetic` (procedural VQA), `llava-json`, or a privacy case study built offline from "
+      "scikit-image images: `pathology`, `retina`, `faces`; docs/privacy.md", choices=DATASETS),
+    S("data-path", "", "LLaVA-format JSON file (required for `llava-json`; or empty, with each SuperNode's own file in "
+      "`--node-config data-path=...` and a shared `tokenizer` directory, docs/deployment.md)"),
+    S("num-samples", 6000, "size of the synthetic dataset (all clients together)", lo=2, hi=10_000_000),
+    S("test-fraction", 0.1, "each client's local test split", lo=0.0, hi=0.9, lo_open=True),
+    S("partitioner", "iid", "`iid` or `dirichlet` (on the answer), via `flwr-datasets`", choices=("iid", "dirichlet")),
+    S("dirichlet-alpha", 0.5, "Dirichlet concentration", lo=0.0, hi=1e6, lo_open=True),
+    S("image-size", 32, "image side in pixels", lo=8, hi=4096),
+    S("on-bad-record", "error", "bad LLaVA records (missing or unreadable image, malformed conversation): `error` "
+      "stops with the file and record named; `skip` skips and counts them (`bad_records` in summary.json)",
+      choices=("error", "skip")),
+    # --- model -----------------------------------------------------------------------------
+    S("vision-tower", TINY, "`tiny` (built from config) or a local directory / hub id (`from_pretrained`)"),
+    S("llm", TINY, "`tiny` or a local directory / hub id"),
+    S("tokenizer", "auto", "`auto` (word-level, built from the data) or a directory / hub id"),
+    S("hidden-size", 128, "tiny model width", lo=8, hi=16_384),
+    S("vision-layers", 2, "tiny vision tower blocks", lo=1, hi=128),
+    S("llm-layers", 2, "tiny LLM layers", lo=1, hi=128),
+    S("patch-size", 4, "tiny vision tower patch side (32x32 images, patch 4: 64 image tokens)", lo=1, hi=4096),
+    S("train-vision-tower", True, "train the vision tower on the clients"),
+    S("llm-lora-rank", 0, "LoRA adapters (`peft`, every linear layer but the head) on the LLM; 0 = full fine-tuning",
+      lo=0, hi=4096),
+    S("llm-lora-alpha", 16.0, "LoRA alpha", lo=0.0, hi=1e6, lo_open=True),
+    S("max-answer-tokens", 4, "generation length at evaluation", lo=1, hi=512),
+    # --- network model and output ------------------------------------------------------------
+    S("bandwidth-mbps", 10.0, "network model: each client costs `rtt + bytes·8/bandwidth` per exchange; parallel "
+      "clients take the max", lo=0.0, hi=1e6, lo_open=True),
+    S("rtt-ms", 20.0, "network model round-trip time per exchange", lo=0.0, hi=1e6),
+    S("out-dir", "runs", "results go to `out-dir/run-name`", check=_not_empty),
+    S("run-name", "", "the run directory's name (empty: `<time>-<compressor>-b<bits>`)", check=_run_name),
+    # --- simulation resources ----------------------------------------------------------------
+    S("client-cpus", 1.0, "Ray CPUs per simulated client: with `C` cores, `C / client-cpus` clients compute at once, "
+      "each with `floor(client-cpus)` torch threads (docs/reliability.md)", lo=0.0, hi=1024.0, lo_open=True),
+    S("eval-batch-size", 64, "server batch for split inference", lo=1, hi=65_536),
+)

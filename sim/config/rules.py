@@ -1,0 +1,111 @@
+"""Rules that relate several config keys; each raises :class:`ConfigError` naming a key.
+
+A single key's type and allowed values are part of its declaration (:mod:`sim.config.keys`,
+the codecs' settings); :meth:`SplitConfig.__post_init__` checks those first, then these.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sim.compress import get_codec
+from sim.settings import ConfigError, check_range
+
+from .keys import CASE_STUDIES, TINY
+
+if TYPE_CHECKING:
+    from .split_config import SplitConfig
+
+CASE_STUDY_IMAGE_SIZES = (16, 384)  # the scikit-image case studies render tiles in this range
+STREAM_KEYS = {"image": ("compressor", "bits"), "residual": ("residual-compressor", "residual-bits"),
+               "text": ("text-compressor", "text-bits"), "gradient": ("grad-compressor", "grad-bits")}
+
+
+def active_streams(c: SplitConfig) -> tuple[str, ...]:
+    """The uplink streams of a run: ``image`` always; ``residual`` for ``vit-ln1:k`` with
+    ``residual-mode=transmit``; ``text`` for ``text-mode=quantized``."""
+    out = ["image"]
+    if c.split_block is not None and c.residual_mode == "transmit":
+        out.append("residual")
+    if c.text_mode == "quantized":
+        out.append("text")
+    return tuple(out)
+
+
+def _split_block_exists(c: SplitConfig) -> None:
+    if c.split_block is not None and c.vision_tower == TINY and c.split_block >= c.vision_layers:
+        raise ConfigError(f"Config key 'split-point' ({c.split_point}) names block {c.split_block} but the vision "
+                          f"tower has {c.vision_layers} blocks (vision-layers).")
+
+
+def _stream_codecs(c: SplitConfig) -> None:
+    """Every stream's codec serves that stream, takes its bits and fits the feature width."""
+    for stream in (*active_streams(c), "gradient"):
+        name_key, bits_key = STREAM_KEYS[stream]
+        name, bits = c.stream_codec(stream)
+        codec = get_codec(name)
+        if stream not in codec.streams:
+            raise ConfigError(f"Config key '{name_key}' resolves to {name!r}, which cannot serve the {stream} stream; "
+                              f"it serves {', '.join(sorted(codec.streams))}.")
+        check_range(bits_key if stream != "text" or c.text_bits else "bits", bits, *codec.bit_range)
+        if stream == "gradient":
+            continue
+        try:
+            codec.check(c.codec_settings(name), bits, _tiny_width(c, stream))
+        except ValueError as err:
+            raise ConfigError(f"Config key '{name_key}' ({name}, the {stream} stream): {err}.") from None
+
+
+def _tiny_width(c: SplitConfig, stream: str) -> int:
+    """A stream's feature width when the config alone fixes it (tiny models), else 0: the
+    vision width at ``vit-ln1:k`` (image, residual), the LLM's otherwise."""
+    vision = stream == "residual" or (stream == "image" and c.split_block is not None)
+    return c.hidden_size if (c.vision_tower if vision else c.llm) == TINY else 0
+
+
+def _entropy_coding(c: SplitConfig) -> None:
+    if c.entropy_coding != "none" and not get_codec(c.compressor).integer_codes:
+        raise ConfigError(f"Config key 'entropy-coding' ({c.entropy_coding}) needs a compressor with integer codes; "
+                          f"compressor is {c.compressor!r}.")
+
+
+def _dataset(c: SplitConfig) -> None:
+    if c.dataset in CASE_STUDIES:
+        check_range("image-size", c.image_size, *CASE_STUDY_IMAGE_SIZES)
+    if c.dataset == "llava-json":
+        if not c.data_path and c.tokenizer == "auto":
+            raise ConfigError(
+                "Config key 'data-path' is required when dataset='llava-json' (or leave it empty, give every "
+                "SuperNode its own with --node-config data-path=..., and set 'tokenizer' to a shared directory)."
+            )
+        if c.data_path and not Path(c.data_path).expanduser().is_file():
+            raise ConfigError(f"Config key 'data-path': file {c.data_path!r} does not exist.")
+
+
+def _model_ref(key: str, value: str, tiny_ok: bool) -> None:
+    if tiny_ok and value == TINY:
+        return
+    if not value:
+        raise ConfigError(f"Config key '{key}' is empty; give '{TINY}', a local directory or a hub id.")
+    looks_local = value.startswith((".", "/", "~")) or Path(value).expanduser().exists()
+    if looks_local and not Path(value).expanduser().is_dir():
+        raise ConfigError(f"Config key '{key}': directory {value!r} does not exist.")
+    if not looks_local and not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", value):
+        raise ConfigError(f"Config key '{key}': {value!r} is neither a directory nor a hub id.")
+
+
+def _models(c: SplitConfig) -> None:
+    _model_ref("vision-tower", c.vision_tower, tiny_ok=True)
+    _model_ref("llm", c.llm, tiny_ok=True)
+    if c.tokenizer != "auto":
+        _model_ref("tokenizer", c.tokenizer, tiny_ok=False)
+    if c.vision_tower == TINY and c.hidden_size % 4:
+        raise ConfigError(f"Config key 'hidden-size' ({c.hidden_size}) must be divisible by 4 for the tiny vision tower.")
+    check_range("patch-size", c.patch_size, 1, c.image_size)
+    if c.vision_tower == TINY and c.image_size % c.patch_size:
+        raise ConfigError(f"Config key 'patch-size' ({c.patch_size}) must divide 'image-size' ({c.image_size}).")
+
+
+RULES = (_split_block_exists, _stream_codecs, _entropy_coding, _dataset, _models)

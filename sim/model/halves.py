@@ -1,0 +1,271 @@
+"""The two halves of a TinyLLaVA-style model, split after the connector or inside the tower.
+
+Quantized-TinyLLaVA's split (arXiv 2511.23402, Fig. 1; ``split-point=connector``)::
+
+    client: pixels (B,3,H,W) -> vision tower -> (B,N,Dv) -> connector (2-layer MLP, GELU)
+            -> (B,N,D) -> compressor client half --codes--> wire
+    server: wire --> compressor server half -> (B,N,D) ++ text embeddings -> causal LM
+
+AlignedVQ's split (LLaVA-AlignedVQ, arXiv 2411.05961; ``split-point=vit-ln1:k``,
+:mod:`sim.model.vit_split`)::
+
+    client: pixels -> embeddings, blocks < k, LN1 of block k -> h (B,N,Dv) -> codec --> wire
+            [residual x (B,N,Dv) -> residual codec --> wire   (residual-mode=transmit)]
+    server: wire --> codec server half (DLP out) -> rest of block k (x_hat = h_hat, or the
+            decoded residual) -> blocks > k -> post-LN -> connector -> LLM [+ LoRA]
+
+With ``text-mode=quantized`` the client also looks the text tokens up in a frozen copy
+of the LLM's embedding table and sends them through a separate text codec. Each half
+holds one codec half per active stream; they cross as :class:`~sim.compress.streams.Streams`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers import PreTrainedModel
+
+from sim.compress import ClientCodec, Codec, Encoded, ServerCodec
+from sim.compress.streams import Streams
+from sim.config import SplitConfig, active_streams
+from sim.data.tokenizer import get_tokenizer
+
+from .feature_noise import add_feature_noise
+from .towers import (
+    build_llm,
+    build_vision_tower,
+    llm_hidden_size,
+    make_connector,
+    patch_tokens,
+    stream_width,
+    vision_hidden_size,
+)
+from .vit_split import VisionHead, VisionTail
+
+
+@dataclass
+class ClientBatch:
+    """What the client encodes for one micro-batch: pixels and, with ``text-mode=quantized``,
+    the token id sequences whose embeddings are quantised (all tokens in training, the
+    prompts at evaluation)."""
+
+    pixels: torch.Tensor  # (B,3,H,W)
+    text: list[np.ndarray] | None = None
+
+
+class ClientModel(nn.Module):
+    """Vision tower (whole, or up to LN1 of block k) [+ connector] + compressor client halves.
+
+    Streams (:func:`sim.config.active_streams`): ``codec`` encodes the image features at
+    the split point, ``residual_codec`` the residual stream at ``vit-ln1:k`` (transmit
+    mode), ``text_codec`` the text-token embeddings looked up in ``text_embed``, a frozen
+    copy of the LLM's input embedding table (``text-mode=quantized``)."""
+
+    def __init__(
+        self, tower: PreTrainedModel, llm_dim: int, codecs: Streams[ClientCodec], train_tower: bool,
+        feature_noise: float = 0.0, noise_seed: int = 0, *, split_block: int | None = None,
+        text_embed: nn.Embedding | None = None,
+    ) -> None:
+        super().__init__()
+        self.feature_noise, self.noise_seed = feature_noise, noise_seed  # privacy defence, 0 = off
+        self.split_block = split_block
+        if split_block is None:
+            vdim = tower.config.hidden_size
+            self.tower = tower.requires_grad_(train_tower)
+            self.connector = make_connector(vdim, llm_dim)
+        else:
+            self.tower = VisionHead(tower, split_block).requires_grad_(train_tower)
+        self.codec, self.residual_codec, self.text_codec = codecs.image, codecs.residual, codecs.text
+        self.text_embed = text_embed.requires_grad_(False) if text_embed is not None else None
+
+    def codecs(self) -> Streams[ClientCodec]:
+        """The codec client half of every active stream."""
+        return Streams(self.codec, self.residual_codec, self.text_codec)
+
+    def split_features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B,3,H,W) -> image features at the split point (B,N,D) and, at ``vit-ln1:k``, the
+        residual stream (B,N,Dv) (None after the connector)."""
+        if self.split_block is None:
+            return self.connector(patch_tokens(self.tower, pixels)), None
+        x, h = self.tower(pixels)
+        return h, x
+
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B,3,H,W) -> (B,N,D): the image features at the split point, before compression."""
+        return self.split_features(pixels)[0]
+
+    def noisy(self, x: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+        """The features as sent: with ``feature-noise``, seeded noise per image (sim/model/feature_noise.py)."""
+        if self.feature_noise > 0:
+            return add_feature_noise(x, pixels, self.feature_noise, self.noise_seed)
+        return x
+
+    def text_tokens(self, seqs: list[np.ndarray]) -> torch.Tensor:
+        """Token id sequences -> their embeddings, concatenated: (1, sum(len), D)."""
+        if self.text_embed is None:
+            raise RuntimeError("this client model has no text embedding table (text-mode=ids)")
+        ids = torch.from_numpy(np.concatenate([np.asarray(s, dtype=np.int64) for s in seqs]))
+        return self.text_embed(ids)[None]
+
+    def stream_inputs(self, batch: ClientBatch) -> Streams[torch.Tensor]:
+        """What each active stream's codec encodes for one micro-batch."""
+        x, residual = self.split_features(batch.pixels)
+        text = None
+        if self.text_codec is not None:
+            if batch.text is None:
+                raise ValueError("text-mode=quantized needs the token ids of the micro-batch")
+            text = self.text_tokens(batch.text)
+        return Streams(self.noisy(x, batch.pixels), residual if self.residual_codec is not None else None, text)
+
+    def forward(self, pixels: torch.Tensor) -> Encoded:
+        """The image stream only: (B,3,H,W) -> Encoded."""
+        return self.codec(self.noisy(self.features(pixels), pixels))
+
+    def encode(self, batch: ClientBatch) -> Streams[Encoded]:
+        """Every active stream of one micro-batch."""
+        codecs = self.codecs()
+        return self.stream_inputs(batch).map(lambda s, x: codecs[s](x))
+
+    @torch.no_grad()
+    def init_codecs(self, batches: list[ClientBatch]) -> bool:
+        """Data-dependent codec initialisation (k-means, EMA statistics) from ``batches``;
+        returns whether any codec needed it."""
+        todo = {k: c for k, c in self.codecs().items() if c.needs_init}
+        if not todo:
+            return False
+        inputs = Streams.zip([self.stream_inputs(b) for b in batches])
+        for k, codec in todo.items():
+            xs = inputs[k]
+            codec.init_from(torch.cat(xs) if k != "text" else torch.cat([x[0] for x in xs])[None])
+        return True
+
+
+class ServerModel(nn.Module):
+    """Compressor server halves [+ rest of the vision tower + connector] + causal LM."""
+
+    def __init__(
+        self, codecs: Streams[ServerCodec], llm: PreTrainedModel, *, tail: VisionTail | None = None,
+        connector: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.codec = codecs.image
+        self.llm = llm
+        self.tail, self.connector = tail, connector
+        self.residual_codec, self.text_codec = codecs.residual, codecs.text
+
+    def codecs(self) -> Streams[ServerCodec]:
+        """The codec server half of every active stream."""
+        return Streams(self.codec, self.residual_codec, self.text_codec)
+
+    def specs(self) -> Streams[Codec]:
+        """The codec definitions (shared with the clients) of every active stream."""
+        return self.codecs().map(lambda _, c: c.spec)
+
+    def image_embeds(self, streams: Streams[torch.Tensor]) -> torch.Tensor:
+        """Decoded image (and residual) streams -> (B,N,D) image tokens for the LLM."""
+        z = self.codec(streams.image)
+        if self.tail is None:
+            return z
+        residual = self.residual_codec(streams.residual) if self.residual_codec is not None else z
+        return self.connector(self.tail(z, residual))
+
+    def text_embeds(self, text_ids: torch.Tensor, lens: torch.Tensor | None = None, text_hat: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,T) ids -> (B,T,D) embeddings; with ``text_hat`` (1, sum(lens), D) the decoded
+        quantised embeddings of the first ``lens[b]`` tokens of each row replace the lookup."""
+        table = self.llm.get_input_embeddings()
+        txt = table(text_ids)
+        if text_hat is None:
+            return txt
+        if self.text_codec is None:
+            raise RuntimeError("quantised text given but the server has no text codec")
+        flat = self.text_codec(text_hat[0]).to(txt.dtype)
+        valid = torch.arange(txt.shape[1])[None] < lens[:, None]
+        if int(valid.sum()) != flat.shape[0]:
+            raise ValueError(f"{flat.shape[0]} quantised text tokens for {int(valid.sum())} positions")
+        return txt.masked_scatter(valid[..., None], flat)
+
+    def sequence_logits(self, img: torch.Tensor, txt: torch.Tensor, split: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,N,D) image tokens + (B,T,D) text embeddings -> (B,N+T,V) logits.
+
+        The image tokens go after the first ``split[b]`` text tokens of row ``b`` (the
+        first question), or first when ``split`` is None. Text token ``j >= split`` sits
+        at position ``N + j`` either way, so answers are read out at the same positions."""
+        img = img.to(txt.dtype)
+        if split is None:
+            return self.llm(inputs_embeds=torch.cat([img, txt], dim=1)).logits
+        B, T, D = txt.shape
+        N = img.shape[1]
+        j = torch.arange(T).expand(B, T)
+        text_pos = torch.where(j < split[:, None], j, j + N)
+        img_pos = split[:, None] + torch.arange(N)
+        seq = txt.new_zeros(B, N + T, D)
+        seq = seq.scatter(1, text_pos[..., None].expand(B, T, D), txt)
+        seq = seq.scatter(1, img_pos[..., None].expand(B, N, D), img)
+        return self.llm(inputs_embeds=seq).logits
+
+    def logits(self, y_hat: torch.Tensor, text_ids: torch.Tensor, split: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,N,D) decoded image features + (B,T) ids -> (B,N+T,V) logits (image stream only)."""
+        return self.sequence_logits(self.image_embeds(Streams(y_hat)), self.text_embeds(text_ids), split)
+
+
+def _text_embedding_copy(cfg: SplitConfig, vocab_size: int) -> nn.Embedding:
+    """The client's frozen copy of the LLM's input embedding table (built like the server's)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 1)
+        table = build_llm(cfg, vocab_size).get_input_embeddings().weight.detach().clone()
+    return nn.Embedding.from_pretrained(table, freeze=True)
+
+
+def _codec_halves(cfg: SplitConfig) -> Streams[tuple[ClientCodec, ServerCodec]]:
+    """Both halves of every active stream's codec. Each side builds both, in stream order,
+    so that the seeded initialisation of whatever it builds next is the same on both sides
+    and in every run (the unused halves are dropped)."""
+    def halves(stream: str) -> tuple[ClientCodec, ServerCodec]:
+        spec = cfg.codec(stream, stream_width(cfg, stream))
+        return spec.client(), spec.server()
+
+    return Streams.of({s: halves(s) for s in active_streams(cfg)})
+
+
+def build_client_model(cfg: SplitConfig, vocab_size: int | None = None) -> ClientModel:
+    """The client half, initialised from ``cfg.seed`` (identical on every client)."""
+    text_embed = None
+    if cfg.text_mode == "quantized":
+        text_embed = _text_embedding_copy(cfg, vocab_size if vocab_size is not None else len(get_tokenizer(cfg)))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        tower = build_vision_tower(cfg)
+        codecs = _codec_halves(cfg).map(lambda _, h: h[0])
+        return ClientModel(tower, llm_hidden_size(cfg), codecs, cfg.train_vision_tower, cfg.feature_noise, cfg.seed,
+                           split_block=cfg.split_block, text_embed=text_embed)
+
+
+def apply_lora(llm: PreTrainedModel, rank: int, alpha: float) -> nn.Module:
+    """LoRA adapters (``peft``) on every linear layer of the LLM but the output head; the
+    base weights are frozen, so only the adapters train (LLaVA-AlignedVQ section 3.2.3)."""
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none", target_modules="all-linear")
+    return get_peft_model(llm, config)
+
+
+def build_server_model(cfg: SplitConfig, vocab_size: int) -> ServerModel:
+    """The server half, initialised from ``cfg.seed + 1`` (the vision tail at ``vit-ln1:k``
+    from ``cfg.seed``, i.e. the same initial tower as the clients')."""
+    tail = None
+    if cfg.split_block is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            tail = VisionTail(build_vision_tower(cfg), cfg.split_block)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 1)
+        llm = build_llm(cfg, vocab_size)
+        codecs = _codec_halves(cfg).map(lambda _, h: h[1])
+        connector = make_connector(vision_hidden_size(cfg), llm_hidden_size(cfg)) if tail is not None else None
+        if cfg.llm_lora_rank > 0:  # last, so the adapters' random init leaves the rest as without LoRA
+            llm = apply_lora(llm, cfg.llm_lora_rank, cfg.llm_lora_alpha)
+        if cfg.text_mode == "quantized":  # the clients hold a frozen copy of this table
+            llm.get_input_embeddings().weight.requires_grad_(False)
+        return ServerModel(codecs, llm, tail=tail, connector=connector)

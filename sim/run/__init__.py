@@ -1,0 +1,1 @@
+"""Running it: the CLI, the server's run directory and checkpoints, the local deployment."""

@@ -1,0 +1,231 @@
+"""Command line::
+
+    python -m sim run [--clients N] [--out DIR] [-c KEY=VALUE ...]    a simulation
+    python -m sim run --in-process ...                              the same run without Flower's runtime
+    python -m sim run --resume DIR                                  continue an interrupted one
+    python -m sim deploy [--supernodes N] --out DIR [-c KEY=VALUE ...] [--insecure]
+    python -m sim codecs                                            the registered codecs
+    python -m sim docs [--write | --check]                          the generated config tables
+
+``run`` drives the Flower app with ``flwr.simulation.run_simulation`` on the Ray
+backend; ``--in-process`` runs the same round engine with the clients called in this
+process (the reference trainer; same files, same losses). The config (and a LLaVA JSON
+dataset) is validated before anything starts; Ray is limited to this machine
+(:func:`ray_backend_config`). ``deploy`` runs the same app on Flower's deployment
+runtime on loopback (:mod:`sim.run.deploy`): a TLS SuperLink with SuperNode
+authentication, one SuperNode per hospital, ``flwr run``.
+
+The Flower components are loaded by name, as ``flwr run`` loads the ones
+``pyproject.toml`` names (:data:`CLIENT_APP`, :data:`SERVER_APP_MODULE`): the apps
+depend on ``sim``, not the other way round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from sim.config import ConfigError, SplitConfig
+from sim.data.types import DataError
+
+from .results import resolve_run_dir
+
+CLIENT_APP = "clients.client_app:app"  # = [tool.flwr.app.components] clientapp
+SERVER_APP_MODULE = "server_app.server_app"  # the serverapp component's module (its make_server_app)
+
+
+def load_component(ref: str):
+    """``module:attribute`` -> the object (a Flower component reference)."""
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {pair!r} is not KEY=VALUE")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def ray_backend_config(cfg: SplitConfig, address: str | None = None) -> dict:
+    """Ray sized for the machine it runs on (measured on a 2-core, 24 GB box; docs/reliability.md).
+
+    * ``num_cpus`` = the machine's cores and ``client_resources.num_cpus`` =
+      ``client-cpus`` (1): Flower's Ray backend starts ``cores / client-cpus`` actors, so
+      2 ClientApps compute at once here however many clients are simulated; the other
+      nodes' messages wait in the queue and their state lives in the driver's contexts.
+    * ``object_store_memory`` = 512 MB instead of Ray's default of 30 % of RAM: only the
+      in-flight messages and contexts pass through it (a few MB per client message with
+      the default model), and the rest of the memory stays for the processes.
+    * no dashboard, no GPUs, Ray's own logs at ERROR.
+
+    With ``address`` (``--ray-address``, e.g. ``auto``) the simulation joins a running Ray
+    cluster instead (docs/performance.md); the cluster's own CPU and memory settings apply.
+    """
+    cpus = os.cpu_count() or 1
+    if address:
+        return {
+            "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": 0.0},
+            "init_args": {"address": address, "logging_level": logging.ERROR, "log_to_driver": True},
+        }
+    return {
+        "client_resources": {"num_cpus": min(cfg.client_cpus, cpus), "num_gpus": 0.0},
+        "init_args": {
+            "num_cpus": cpus,
+            "num_gpus": 0,
+            "object_store_memory": 512 * 1024 * 1024,
+            "include_dashboard": False,
+            "logging_level": logging.ERROR,
+            "log_to_driver": True,
+        },
+    }
+
+
+def _resume_config(run_dir: Path, args: argparse.Namespace) -> SplitConfig:
+    """The config of an interrupted run (``DIR/config.json``); nothing may be overridden."""
+    if args.config or args.out:
+        raise ConfigError("--resume takes the run's own config.json; drop -c/--out")
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"--resume {run_dir}: no config.json there")
+    if not (run_dir / "checkpoint.pt").is_file():
+        raise ConfigError(f"--resume {run_dir}: no checkpoint.pt (the run stopped before its first round ended, "
+                          "or ran with checkpoint=false)")
+    cfg = SplitConfig.from_run_config(json.loads(path.read_text()))
+    if args.clients is not None and args.clients != cfg.expected_clients:
+        raise ConfigError(f"--clients {args.clients} differs from the run's {cfg.expected_clients}")
+    return cfg
+
+
+def _check_local_data(cfg: SplitConfig) -> None:
+    """Load a LLaVA JSON dataset before starting, so a bad file or record stops the run
+    with an error naming it (``on-bad-record=error``) instead of failing every client."""
+    if cfg.dataset == "llava-json" and cfg.data_path:
+        from sim.data import load_examples
+
+        load_examples(cfg.dataset, cfg.data_path, cfg.image_size, cfg.num_samples, cfg.seed, cfg.on_bad_record)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.resume:
+        run_dir = Path(args.resume).expanduser().resolve()
+        cfg = _resume_config(run_dir, args)
+        clients = cfg.expected_clients
+    else:
+        overrides = parse_overrides(args.config or [])
+        if args.out:
+            overrides["out-dir"] = str(Path(args.out).expanduser().resolve().parent)
+            overrides["run-name"] = Path(args.out).name
+        clients = 4 if args.clients is None else args.clients
+        if clients < 1:
+            raise ConfigError("--clients must be >= 1")
+        overrides.setdefault("expected-clients", str(clients))
+        cfg = SplitConfig.from_run_config(overrides)
+        run_dir = resolve_run_dir(cfg)
+    if (run_dir / "summary.json").exists():
+        raise ConfigError(f"{run_dir} already holds a finished run; pick another --out")
+    _check_local_data(cfg)
+    if args.in_process:
+        from .server_main import run_in_process
+
+        run_in_process(cfg, run_dir, clients, resume=bool(args.resume))
+    else:
+        from flwr.simulation import run_simulation
+
+        run_simulation(
+            server_app=load_component(f"{SERVER_APP_MODULE}:make_server_app")(cfg, run_dir, resume=bool(args.resume)),
+            client_app=load_component(CLIENT_APP),
+            num_supernodes=clients,
+            backend_config=ray_backend_config(cfg, args.ray_address),
+        )
+    summary_path = run_dir / "summary.json"
+    if not summary_path.exists():
+        print(f"run failed: no summary in {run_dir}", file=sys.stderr)
+        return 1
+    print(json.dumps(json.loads(summary_path.read_text()), indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sim.config.tables import help_text
+
+    parser = argparse.ArgumentParser(prog="python -m sim", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run a split-learning simulation", epilog=help_text(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clients", type=int, default=None, help="number of simulated hospitals (SuperNodes; default 4)")
+    p.add_argument("--out", help="run directory (default: out-dir/<time>-<compressor>-b<bits>)")
+    p.add_argument("-c", "--config", action="append", metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--resume", metavar="DIR", help="continue an interrupted run from DIR/checkpoint.pt")
+    p.add_argument("--ray-address", help="join a running Ray cluster (e.g. 'auto') instead of starting a local Ray")
+    p.add_argument("--in-process", action="store_true",
+                   help="run the clients in this process instead of Flower's simulation runtime (the reference trainer)")
+    d = sub.add_parser("deploy", help="run on Flower's deployment runtime on this machine (SuperLink + SuperNodes)")
+    d.add_argument("--supernodes", type=int, default=3, help="number of SuperNodes (one per hospital)")
+    d.add_argument("--out", required=True, help="run directory (the deployment's certificates and logs go beside it)")
+    d.add_argument("-c", "--config", action="append", metavar="KEY=VALUE", help="override a config key")
+    d.add_argument("--insecure", action="store_true", help="no TLS and no SuperNode authentication")
+    sub.add_parser("codecs", help="the registered codecs: streams, bit ranges, integer codes")
+    g = sub.add_parser("docs", help="the tables generated from the declared settings (pyproject.toml, README.md, "
+                                    "docs/compressors.md)")
+    g.add_argument("--write", action="store_true", help="rewrite the generated parts of those files")
+    g.add_argument("--check", action="store_true", help="exit 1 if any of them is out of date")
+    args = parser.parse_args(argv)
+    commands = {"run": run, "deploy": deploy, "codecs": codecs, "docs": docs}
+    try:
+        return commands[args.command](args)
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def codecs(args: argparse.Namespace) -> int:
+    from sim.config.tables import codecs_table
+
+    print(codecs_table(), end="")
+    return 0
+
+
+def docs(args: argparse.Namespace) -> int:
+    from sim.config.tables import generated_files, stale_files, write_files
+
+    if args.write:
+        for p in write_files():
+            print(f"rewrote {p}")
+        return 0
+    stale = stale_files()
+    for p in stale:
+        print(f"out of date: {p} (run python -m sim docs --write)", file=sys.stderr)
+    if not args.check:
+        for p in generated_files():
+            print(f"{p}: {'out of date' if p in stale else 'up to date'}")
+    return 1 if stale else 0
+
+
+def deploy(args: argparse.Namespace) -> int:
+    """``python -m sim deploy``: :class:`sim.run.deploy.LocalDeployment` and one ``flwr run``."""
+    from .deploy import LocalDeployment
+
+    out = Path(args.out).expanduser().resolve()
+    overrides = parse_overrides(args.config or [])
+    overrides |= {"out-dir": str(out.parent), "run-name": out.name, "expected-clients": str(args.supernodes)}
+    cfg = SplitConfig.from_run_config(overrides)
+    if (out / "summary.json").exists():
+        raise ConfigError(f"{out} already holds a finished run; pick another --out")
+    work = out.parent / f"{out.name}-deployment"
+    with LocalDeployment(work, args.supernodes, tls=not args.insecure, authenticate=not args.insecure) as dep:
+        outcome = dep.run(cfg.to_run_config())
+    print(outcome.output[-4000:])
+    if not outcome.ok:
+        print(f"deployment run failed: status {outcome.status!r}; logs in {work / 'logs'}", file=sys.stderr)
+        return 1
+    print(json.dumps(json.loads((out / "summary.json").read_text()), indent=2))
+    return 0

@@ -1,0 +1,143 @@
+"""The run directory: config, per-round metrics, per-step losses, summary and plots.
+
+Everything is written as it is produced (metrics.csv and steps.csv are appended each
+round, summary.json is rewritten atomically), so a crash never loses finished
+rounds. Plots are generated from the CSV files at the end with matplotlib.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from sim.config import SplitConfig  # noqa: E402
+from sim.wire.ledger import Ledger  # noqa: E402
+
+METRIC_COLUMNS = (
+    "round", "accuracy", "train_loss", "client_aux_loss", "clients", "dropped", "rejected", "samples",
+    "uplink_bytes", "downlink_bytes", "exchanges", "wall_s", "train_s", "runtime_s", "client_compute_s", "sim_network_s",
+    "acc_colour", "acc_shape", "acc_count", "acc_position", "acc_relational", "acc_llava",
+)
+
+
+def resolve_run_dir(cfg: SplitConfig) -> Path:
+    """``out-dir/run-name``; an empty run name becomes ``<time>-<compressor>-b<bits>``."""
+    name = cfg.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.compressor}-b{cfg.bits}"
+    return (Path(cfg.out_dir).expanduser() / name).resolve()
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+class RunRecorder:
+    """Writes the run directory as rounds complete."""
+
+    def __init__(self, run_dir: Path, cfg: SplitConfig, clients: int) -> None:
+        self.dir = run_dir
+        self.cfg = cfg
+        self.clients = clients
+        self.t0 = time.perf_counter()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if (run_dir / "summary.json").exists():
+            raise FileExistsError(f"{run_dir} already holds a finished run; choose another out-dir/run-name")
+        write_json_atomic(run_dir / "config.json", cfg.to_run_config())
+        with (run_dir / "metrics.csv").open("w", newline="") as f:
+            csv.writer(f).writerow(METRIC_COLUMNS)
+        with (run_dir / "steps.csv").open("w", newline="") as f:
+            csv.writer(f).writerow(("round", "step", "loss"))
+
+    def round(self, report, ledger: Ledger) -> dict:
+        totals = ledger.totals(report.round)
+        row = {
+            "round": report.round,
+            "accuracy": report.accuracy,
+            "train_loss": report.step_losses[-1] if report.step_losses else float("nan"),
+            "client_aux_loss": report.client_aux,
+            "clients": len(report.clients),
+            "dropped": ";".join(f"{p}:{why}" for p, why in sorted(report.dropped.items())),
+            "rejected": report.rejected,
+            "samples": report.samples,
+            "uplink_bytes": totals["uplink_bytes"],
+            "downlink_bytes": totals["downlink_bytes"],
+            "exchanges": report.exchanges,
+            "wall_s": round(report.wall_s, 4),
+            "train_s": round(report.train_s, 4),
+            "runtime_s": round(report.runtime_s, 4),
+            "client_compute_s": round(report.client_compute_s, 4),
+            "sim_network_s": round(report.sim_network_s, 6),
+        }
+        for q in ("colour", "shape", "count", "position", "relational", "llava"):
+            c, n = report.eval_counts.get(q, (0, 0))
+            row[f"acc_{q}"] = c / n if n else ""
+        with (self.dir / "metrics.csv").open("a", newline="") as f:
+            csv.writer(f).writerow([row[c] for c in METRIC_COLUMNS])
+        base = (report.round - 1) * self.cfg.local_steps
+        with (self.dir / "steps.csv").open("a", newline="") as f:
+            csv.writer(f).writerows((report.round, base + i, f"{x:.9g}") for i, x in enumerate(report.step_losses))
+        return row
+
+    def finish(self, ledger: Ledger, extra: dict | None = None) -> dict:
+        metrics = pd.read_csv(self.dir / "metrics.csv")
+        totals = ledger.totals()
+        samples = int(metrics["samples"].sum()) if len(metrics) else 0
+        train_up = [r for r in ledger.rows if r.direction == "up" and r.kind == "train.split_step" and r.samples]
+        up_samples = sum(r.samples for r in train_up)
+        summary = {
+            "accuracy": float(metrics["accuracy"].iloc[-1]) if len(metrics) else float("nan"),
+            "best_accuracy": float(metrics["accuracy"].max()) if len(metrics) else float("nan"),
+            "rounds": int(len(metrics)),
+            "clients": self.clients,
+            "compressor": self.cfg.compressor,
+            "bits": self.cfg.bits,
+            **totals,
+            "uplink_bytes_per_sample": sum(r.wire_bytes for r in train_up) / up_samples if up_samples else float("nan"),
+            "uplink_payload_bytes_per_sample": (
+                sum(r.payload_bytes for r in train_up) / up_samples if up_samples else float("nan")
+            ),
+            "uplink_feature_bytes_per_sample": (
+                sum(r.feature_bytes for r in train_up) / up_samples if up_samples else float("nan")
+            ),
+            "samples_seen": samples,
+            "wall_s": round(time.perf_counter() - self.t0, 3),
+            "sim_network_s": round(ledger.sim_network_s, 6),
+            "messages": len(ledger.rows),
+        }
+        summary.update(extra or {})
+        write_json_atomic(self.dir / "summary.json", summary)
+        plot_run(self.dir)
+        return summary
+
+
+def plot_run(run_dir: Path) -> None:
+    """accuracy.png (exact match per round) and bytes.png (cumulative bytes per direction)."""
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    ledger = pd.read_csv(run_dir / "ledger.csv")
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(metrics["round"], 100 * metrics["accuracy"], marker="o")
+    ax.set(xlabel="round", ylabel="exact match on local test sets (%)", ylim=(0, 100), title="Accuracy per round")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(run_dir / "accuracy.png", dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for direction, label in (("up", "uplink"), ("down", "downlink")):
+        d = ledger[ledger["direction"] == direction].groupby("round")["wire_bytes"].sum().cumsum()
+        ax.plot(d.index, d.values / 1e6, marker="o", label=label)
+    ax.set(xlabel="round", ylabel="cumulative wire bytes (MB)", title="Communication")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(run_dir / "bytes.png", dpi=120)
+    plt.close(fig)
