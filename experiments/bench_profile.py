@@ -10,8 +10,10 @@ excluded), so the table names the concrete costs of an exchange.
 from __future__ import annotations
 
 import collections
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -55,8 +57,16 @@ def top_costs(collapsed: str, top: int) -> list[dict]:
     ] if total else []
 
 
-def profile_exchange(config: dict, clients: int, top: int = 12, rate: int = 100) -> list[dict]:
-    """Run ``python -m sim run`` under py-spy; the top self-time functions (busy samples)."""
+PROFILE_TIMEOUT_S = 900  # py-spy waits for every process it follows; Ray can leave one behind
+
+
+def profile_exchange(config: dict, clients: int, top: int = 12, rate: int = 100,
+                     timeout_s: float = PROFILE_TIMEOUT_S) -> list[dict]:
+    """Run ``python -m sim run`` under py-spy; the top self-time functions (busy samples).
+
+    py-spy follows the run's subprocesses and waits for all of them; a Ray helper process
+    that outlives the run (seen once: the dashboard agent, re-parented to init) keeps it
+    waiting, so after ``timeout_s`` it is interrupted (SIGINT: it writes what it sampled)."""
     # py-spy is a console script of the dev extras: on PATH, or beside this interpreter
     # when the venv is used without being activated (``.venv/bin/python -m ...``).
     py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
@@ -68,8 +78,20 @@ def profile_exchange(config: dict, clients: int, top: int = 12, rate: int = 100)
         cmd = [py_spy, "record", "--subprocesses", "--format", "raw", "--rate", str(rate), "-o", str(out), "--",
                sys.executable, "-m", "sim", "run", "--clients", str(clients), "--out", str(Path(tmp) / "run"),
                *cli_overrides(config)]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0 or not out.exists():
-            return [{"figure": "profile", "setting": f"py-spy failed: {res.stderr.strip()[-200:]}",
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        timed_out = False
+        try:
+            _, err = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                _, err = proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                _, err = proc.communicate()
+            err = f"timed out after {timeout_s:.0f} s; {err}"
+        if (proc.returncode != 0 and not timed_out) or not out.exists() or not out.read_text().strip():
+            return [{"figure": "profile", "setting": f"py-spy failed: {err.strip()[-200:]}",
                      "value": float("nan"), "unit": ""}]
         return top_costs(out.read_text(), top)

@@ -1,4 +1,8 @@
-"""Shared fixtures: a tiny config that trains in seconds."""
+"""Shared fixtures: a tiny config that trains in seconds, and one small run of each runtime."""
+
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,3 +27,36 @@ def task_identity():
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     yield
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = {
+    "num-server-rounds": 2, "local-steps": 3, "steps-per-exchange": 2, "batch-size": 4, "num-samples": 160,
+    "hidden-size": 32, "image-size": 16, "patch-size": 4,
+}
+
+
+def run_cli(out: Path, clients: int, overrides: dict, *extra: str) -> subprocess.CompletedProcess:
+    """``python -m sim run`` with ``-c`` overrides (and ``extra`` arguments) into ``out``."""
+    cmd = [sys.executable, "-m", "sim", "run", "--clients", str(clients), "--out", str(out), *extra]
+    for k, v in overrides.items():
+        cmd += ["-c", f"{k}={v}"]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def sim_run(tmp_path_factory):
+    """The SMALL config through Flower's Ray simulation, 2 clients."""
+    out = tmp_path_factory.mktemp("sim") / "run"
+    proc = run_cli(out, 2, SMALL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def in_process_run(tmp_path_factory):
+    """The same, with ``--in-process``."""
+    out = tmp_path_factory.mktemp("inproc") / "run"
+    proc = run_cli(out, 2, SMALL, "--in-process")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out

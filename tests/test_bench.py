@@ -82,3 +82,20 @@ def test_figures_and_tables_are_medians_over_repeats(tmp_path):
     row = next(line for line in (tmp_path / "bench.md").read_text().splitlines()
                if line.startswith("| 1000 SuperNodes, 4 sampled |"))
     assert "| 3.200 | 3 – 3.900 | 3 |" in row
+
+
+
+def test_profile_gives_up_on_a_run_that_does_not_end():
+    """py-spy waits for every process it follows; a run that outlives the bound is
+    interrupted (it then writes what it sampled) instead of holding the benchmark forever."""
+    import time
+
+    from experiments.bench import plan
+    from experiments.bench_profile import profile_exchange
+
+    p = plan(quick=True)
+    t0 = time.perf_counter()
+    rows = profile_exchange(p["p1_default"], p["p1_default_clients"], top=5, timeout_s=3)
+    assert time.perf_counter() - t0 < 90 and rows and all(r["figure"] == "profile" for r in rows)
+    failed = [r["setting"] for r in rows if r["setting"].startswith("py-spy failed")]
+    assert all("timed out after 3 s" in f for f in failed)  # a partial profile, or the reason it has none

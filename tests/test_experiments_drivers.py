@@ -274,12 +274,17 @@ def test_evaluate_global_scores_training_examples_on_request():
     assert evaluate_global(cfg, res.server, res.client_weights, 2, 1, train_samples=5)["all"][1] == 2 * 5
 
 
-def test_parity_quick_finds_the_simulation_and_the_reference_equal(tmp_path):
+def test_parity_finds_the_simulation_and_the_reference_equal(tmp_path, sim_run, in_process_run):
     from experiments import parity
 
-    assert parity.main(["--quick", "--clients", "2", "--out", str(tmp_path)]) == 0  # 0: every step equal
+    from conftest import SMALL
+
+    args = ["--clients", "2", "--flower", str(sim_run), "--in-process", str(in_process_run), "--out", str(tmp_path)]
+    assert parity.main(args + [a for k, v in SMALL.items() for a in ("-c", f"{k}={v}")]) == 0  # 0: every step equal
     table = pd.read_csv(tmp_path / "parity.csv")
-    assert len(table) == 2 * 6 and (table.flower == table.in_process_threads_1).all()
+    assert len(table) == 2 * 3 and (table.flower == table.in_process_threads_1).all()
     assert table.in_process_threads_2.notna().all()
     md = (tmp_path / "parity.md").read_text()
-    assert "| in process (`python -m sim run --in-process`), Ray's thread count | 1 | 12 | 12 | 0 | none |" in md
+    assert "| in process (`python -m sim run --in-process`), Ray's thread count | 1 | 6 | 6 | 0 | none |" in md
+    with pytest.raises(SystemExit, match="another config"):
+        parity.main(args + ["-c", "seed=1"])

@@ -1,9 +1,6 @@
 """End to end through Flower's Ray simulation, checked against the same round engine in process."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -13,36 +10,7 @@ from sim.config import SplitConfig
 from sim.training.reference import run_reference
 from sim.training.transport import InProcessTransport, client_threads
 
-ROOT = Path(__file__).resolve().parents[1]
-
-SMALL = {
-    "num-server-rounds": 2, "local-steps": 3, "steps-per-exchange": 2, "batch-size": 4, "num-samples": 160,
-    "hidden-size": 32, "image-size": 16, "patch-size": 4,
-}
-
-
-def run_cli(out: Path, clients: int, overrides: dict, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "sim", "run", "--clients", str(clients), "--out", str(out), *extra]
-    for k, v in overrides.items():
-        cmd += ["-c", f"{k}={v}"]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-
-
-@pytest.fixture(scope="module")
-def sim_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sim") / "run"
-    proc = run_cli(out, 2, SMALL)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
-
-
-@pytest.fixture(scope="module")
-def in_process_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("inproc") / "run"
-    proc = run_cli(out, 2, SMALL, "--in-process")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
-
+from conftest import SMALL, run_cli
 
 def test_run_directory_is_complete(sim_run):
     for name in ("config.json", "metrics.csv", "ledger.csv", "steps.csv", "summary.json", "accuracy.png", "bytes.png"):
