@@ -37,6 +37,7 @@ from torch import nn
 from sim.config import SplitConfig
 from sim.data.batches import TokenisedExamples, eval_text, pixels, train_text
 from sim.model import ClientBatch, ClientModel, build_client_model, client_state, client_state_names, load_client_state
+from sim.model.processor import image_processor
 from sim.training.schedule import set_lr
 from sim.training.server import ServerRuntime
 from sim.training.split_step import answer_loss, first_answer_index, image_split, trainable
@@ -159,13 +160,15 @@ def wire_features(model: ClientModel, server: ServerRuntime, data: TokenisedExam
     """Features of every image of ``data`` as the server decodes them: the client half's image
     stream (and residual stream, if sent), packed and unpacked through the codecs, in
     micro-batches of ``batch_size`` as a client encodes them, so batch statistics match (a
-    short last batch is padded by wrap-around). Same layout as ``privacy_capture.observe``."""
+    short last batch is padded by wrap-around). Same layout as ``privacy_capture.observe``.
+    Pixels: the run's image processor (``server.cfg``'s vision tower)."""
     model.eval()
+    processor = image_processor(server.cfg)
     n = len(data)
     idx = np.arange(-(-n // batch_size) * batch_size) % n
     out = []
     for start in range(0, len(idx), batch_size):
-        pix = pixels(data, idx[start:start + batch_size])
+        pix = pixels(data, idx[start:start + batch_size], processor)
         enc = model(pix)  # image stream, with the run's feature noise
         ys = [server.model.codec.unpack(model.codec.pack(enc), tuple(enc.y.shape))]
         if model.residual_codec is not None:
@@ -188,11 +191,12 @@ class TextInverter:
         if model.text_codec is None or server.model.text_codec is None:
             raise ValueError("TextInverter needs a run with text-mode=quantized")
         prompts, _ = eval_text(data, np.arange(len(data)))
+        processor = image_processor(server.cfg)
         vecs, ids = [], []
         for start in range(0, len(data), batch_size):
             idx = np.arange(start, min(start + batch_size, len(data)))
             chunk = prompts[start:start + batch_size]
-            enc = model.encode(ClientBatch(pixels(data, idx), chunk))["text"]
+            enc = model.encode(ClientBatch(pixels(data, idx, processor), chunk))["text"]
             vecs.append(server.model.text_codec.unpack(model.text_codec.pack(enc), tuple(enc.y.shape))[0])
             ids.append(np.concatenate(chunk))
         v, t = torch.cat(vecs).float(), torch.from_numpy(np.concatenate(ids))
@@ -237,11 +241,12 @@ def surrogate_client(
         p.requires_grad_(False)
     server.model.eval()
     rng = np.random.default_rng(seed)
+    processor = image_processor(cfg)
     try:
         for t in range(budget.steps):
             idx = rng.choice(len(aux), size=min(budget.batch, len(aux)), replace=False)
             text = train_text(aux, idx, server.pad_id)
-            enc = model(pixels(aux, idx))
+            enc = model(pixels(aux, idx, processor))
             split = image_split(cfg.image_position, first_answer_index(text))
             loss = answer_loss(server.model.logits(enc.y, text.ids, split), text, enc.y.shape[1]) + enc.aux_loss
             set_lr(opt, budget.lr * 0.5 * (1 + math.cos(math.pi * t / budget.steps)))

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from .bench_sim import cli_overrides
@@ -60,6 +61,26 @@ def top_costs(collapsed: str, top: int) -> list[dict]:
 PROFILE_TIMEOUT_S = 900  # py-spy waits for every process it follows; Ray can leave one behind
 
 
+RUN_END_GRACE_S = 10.0  # after the run's summary.json appears, py-spy gets this long to end on its own
+
+
+def _wait_for_run(proc: subprocess.Popen, summary: Path, timeout_s: float) -> str:
+    """Wait for py-spy to end; '' if it did, else why it must be interrupted: the run
+    finished (its summary.json is written) but py-spy still waits for a leftover process
+    after :data:`RUN_END_GRACE_S`, or ``timeout_s`` passed."""
+    deadline, finished_at = time.monotonic() + timeout_s, None
+    while proc.poll() is None:
+        now = time.monotonic()
+        if now > deadline:
+            return f"timed out after {timeout_s:.0f} s"
+        if finished_at is None and summary.exists():
+            finished_at = now
+        if finished_at is not None and now - finished_at > RUN_END_GRACE_S:
+            return "the run finished but py-spy kept waiting for a leftover process"
+        time.sleep(0.5)
+    return ""
+
+
 def profile_exchange(config: dict, clients: int, top: int = 12, rate: int = 100,
                      timeout_s: float = PROFILE_TIMEOUT_S) -> list[dict]:
     """Run ``python -m sim run`` under py-spy; the top self-time functions (busy samples).
@@ -78,20 +99,20 @@ def profile_exchange(config: dict, clients: int, top: int = 12, rate: int = 100,
         cmd = [py_spy, "record", "--subprocesses", "--format", "raw", "--rate", str(rate), "-o", str(out), "--",
                sys.executable, "-m", "sim", "run", "--clients", str(clients), "--out", str(Path(tmp) / "run"),
                *cli_overrides(config)]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-        timed_out = False
-        try:
-            _, err = proc.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                _, err = proc.communicate(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                _, err = proc.communicate()
-            err = f"timed out after {timeout_s:.0f} s; {err}"
-        if (proc.returncode != 0 and not timed_out) or not out.exists() or not out.read_text().strip():
+        log = Path(tmp) / "stderr.txt"  # a file, not a pipe: nobody reads a pipe while we poll
+        with log.open("w") as stderr:
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+            stopped = _wait_for_run(proc, Path(tmp) / "run" / "summary.json", timeout_s)
+            if stopped:
+                os.killpg(proc.pid, signal.SIGINT)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        err = log.read_text(errors="replace")
+        err = f"{stopped}; {err}" if stopped else err
+        if (proc.returncode != 0 and not stopped) or not out.exists() or not out.read_text().strip():
             return [{"figure": "profile", "setting": f"py-spy failed: {err.strip()[-200:]}",
                      "value": float("nan"), "unit": ""}]
         return top_costs(out.read_text(), top)

@@ -196,11 +196,12 @@ def compute_seconds(cfg, clients: int, batch: int = 32, reps: int = 7) -> dict:
     split inside the vision tower, its remaining blocks and the connector (cloud, up to the LLM)."""
     from sim.compress.streams import Streams
     from sim.data.batches import pixels
+    from sim.model.processor import image_processor
 
     rt, server, _ = ready_runtimes(cfg, clients)
     rt.model.eval()
     server.model.eval()
-    px = pixels(rt.data, np.arange(batch) % len(rt.data))
+    px = pixels(rt.data, np.arange(batch) % len(rt.data), image_processor(rt.cfg))
     payload = rt.model.codec.pack(rt.model(px))
     shape = (batch, server.tokens, server.dim)
     edge = _per_sample_seconds(lambda: rt.model.codec.pack(rt.model(px)), reps) / batch
@@ -239,6 +240,7 @@ def jpeg_table(cfg, clients: int, n_images: int = 256, reps: int = 7) -> tuple[l
     """JPEG bytes of the benchmark's images and of 336x336 photos; cloud-only compute per sample."""
     from sim.compress import pack_bits
     from sim.data.batches import pixels
+    from sim.model.processor import image_processor
     from sim.training.client import client_runtime
 
     rows = []
@@ -271,7 +273,7 @@ def jpeg_table(cfg, clients: int, n_images: int = 256, reps: int = 7) -> tuple[l
         enc = _per_sample_seconds(lambda: [jpeg_bytes(im, q) for im in batch], reps) / len(batch)
         dec = _per_sample_seconds(lambda: [jpeg_decode(b) for b in blobs], reps) / len(batch)
         timing[f"JPEG-{q}"] = {"edge_s": enc, "decode_s": dec}
-    px = pixels(rt.data, idx[:32])
+    px = pixels(rt.data, idx[:32], image_processor(rt.cfg))
     tower = _per_sample_seconds(lambda: rt.model.features(px), reps) / len(batch)
     rt.model.train()
     for t in timing.values():

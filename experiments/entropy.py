@@ -71,6 +71,7 @@ def scaled_features(codec, z: torch.Tensor) -> torch.Tensor:
 def feature_batches(rt, weights: dict, batches: int, batch_size: int, seed: int) -> dict[str, list[torch.Tensor]]:
     """``{space: [(B,N,D) per batch]}`` for ``batches`` disjoint seeded batches of the dataset."""
     from sim.data.batches import pixels
+    from sim.model.processor import image_processor
     from sim.training.client import load_weights
 
     load_weights(rt, weights)
@@ -81,7 +82,7 @@ def feature_batches(rt, weights: dict, batches: int, batch_size: int, seed: int)
     order = np.random.default_rng(seed).permutation(len(rt.data))[:need]
     out: dict[str, list[torch.Tensor]] = {s: [] for s in SPACES}
     for i in range(batches):
-        x = rt.model.features(pixels(rt.data, order[i * batch_size:(i + 1) * batch_size]))
+        x = rt.model.features(pixels(rt.data, order[i * batch_size:(i + 1) * batch_size], image_processor(rt.cfg)))
         z = rt.model.codec.proj(x)
         for space, v in zip(SPACES, (x, z, scaled_features(rt.model.codec, z))):
             out[space].append(v.float())

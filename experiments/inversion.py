@@ -53,16 +53,8 @@ import numpy as np
 import torch
 
 from experiments.attack import (
-    DecoderBudget,
-    SurrogateBudget,
-    TextInverter,
-    fit_decoder,
-    image_metrics,
-    reconstruct,
-    surrogate_client,
-    unit_images,
-    victim_client,
-    wire_features,
+    DecoderBudget, SurrogateBudget, TextInverter, fit_decoder, image_metrics, reconstruct, surrogate_client,
+    unit_images, victim_client, wire_features,
 )
 from experiments.common import method_overrides, setup_logging
 from experiments.privacy_capture import capture_eval_uplink, observe, text_recovery
@@ -71,6 +63,7 @@ from sim.config import SplitConfig
 from sim.data import CASE_STUDY_DATASETS
 from sim.data.batches import eval_text, pixels, tokenise
 from sim.data.tokenizer import get_tokenizer
+from sim.model.processor import image_processor
 from sim.training.client import client_runtime
 from sim.training.reference import run_reference
 
@@ -239,7 +232,7 @@ def run_victim(v: Victim, budget: Budget) -> VictimResult:
     common["prompt_token_recovery"], common["answer_recovery"] = text_recovery(
         obs, *eval_text(rt.data, rt.test_idx), read_prompt=reader)
     with torch.no_grad():  # scale of the pre-noise features, to read sigma against
-        common["feature_rms"] = float(victim_model.features(pixels(aux, np.arange(min(256, len(aux))))).pow(2).mean().sqrt())
+        common["feature_rms"] = float(victim_model.features(pixels(aux, np.arange(min(256, len(aux))), image_processor(cfg))).pow(2).mean().sqrt())
     for threat in v.threats:
         t1, c1 = time.perf_counter(), time.process_time()
         if threat == "mean-image":

@@ -15,15 +15,8 @@ from pathlib import Path
 import pandas as pd
 
 from experiments.privacy_report import (
-    _method_label,
-    _pm,
-    attack_table,
-    example_grid,
-    noise_table,
-    plot_psnr_vs_bits,
-    plot_psnr_vs_bytes,
-    plot_utility,
-    summarise,
+    _method_label, _pm, attack_table, example_grid, noise_table, plot_psnr_vs_bits, plot_psnr_vs_bytes,
+    plot_utility, summarise,
 )
 from sim.data.casestudy import NUM_FACE_SOURCES, POOL_GRID, PUBLIC_CELLS, PUBLIC_FACE_SOURCES
 

@@ -72,6 +72,8 @@ class Setting:
                 return raw.lower() in ("true", "1", "yes")
             raise ConfigError(f"Config key '{key}' must be a boolean (true/false), got {raw!r}.")
         if want is str:
+            if isinstance(raw, bool) and "true" in (self.allowed() or ()):  # a TOML boolean for a true/false/... key
+                return "true" if raw else "false"
             if not isinstance(raw, str):
                 raise ConfigError(f"Config key '{key}' must be a string, got {raw!r}.")
             return raw

@@ -1,5 +1,6 @@
 """Config parsing: defaults match pyproject, bad values fail naming the key."""
 
+import math
 import tomllib
 from pathlib import Path
 
@@ -17,8 +18,25 @@ def test_pyproject_lists_every_key_with_the_dataclass_default():
 
 
 def test_strings_from_the_command_line_are_coerced():
-    cfg = SplitConfig.from_run_config({"bits": "3", "lr": "1e-3", "train-vision-tower": "false"})
-    assert (cfg.bits, cfg.lr, cfg.train_vision_tower) == (3, 1e-3, False)
+    cfg = SplitConfig.from_run_config({"bits": "3", "lr": "1e-3", "checkpoint": "false", "train-vision-tower": True})
+    assert (cfg.bits, cfg.lr, cfg.checkpoint, cfg.train_vision_tower) == (3, 1e-3, False, "true")
+    assert cfg.trains_vision_tower  # a TOML boolean for a true/false/auto key
+    assert not SplitConfig.from_run_config({"train-vision-tower": "false"}).trains_vision_tower
+    assert SplitConfig().trains_vision_tower  # auto: from scratch, the tower trains
+
+
+def test_stages_split_the_rounds_and_each_has_its_own_schedule():
+    from sim.training.schedule import lr_at
+
+    cfg = SplitConfig.from_run_config({"stage": "both", "align-rounds": 2, "num-server-rounds": 5, "local-steps": 10,
+                                       "warmup-steps": 0, "align-lr": 1e-3, "lr": 1e-4, "align-batch-size": 16})
+    assert [cfg.stage_at(r) for r in range(1, 6)] == ["align", "align", "finetune", "finetune", "finetune"]
+    assert [cfg.batch_size_at(r) for r in (1, 3)] == [16, cfg.batch_size]
+    assert lr_at(cfg, 1, 0) == 1e-3 and lr_at(cfg, 3, 0) == 1e-4  # each stage's cosine starts at its peak
+    m = cfg.min_lr_ratio  # the align stage's last step: u = 19/20 of its own 20 steps
+    assert lr_at(cfg, 2, 9) == pytest.approx(1e-3 * (m + (1 - m) * 0.5 * (1 + math.cos(math.pi * 19 / 20))))
+    with pytest.raises(ConfigError, match="align-rounds"):
+        SplitConfig.from_run_config({"stage": "both", "align-rounds": 10, "num-server-rounds": 10})
 
 
 @pytest.mark.parametrize(

@@ -10,13 +10,8 @@ from scipy.stats import gaussian_kde, norm
 
 from sim.compress.codecs.rdfsq import clip_and_scale
 from sim.compress.entropy_estimate import (
-    BatchEntropy,
-    code_entropies,
-    discrete_entropy_bits,
-    entropy_over_batches,
-    feature_entropies,
-    kde_differential_entropy,
-    recommended_bits,
+    BatchEntropy, code_entropies, discrete_entropy_bits, entropy_over_batches, feature_entropies,
+    kde_differential_entropy, recommended_bits,
 )
 
 torch.set_num_threads(1)

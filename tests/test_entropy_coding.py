@@ -8,13 +8,7 @@ from hypothesis import strategies as st
 
 from sim.compress.base import PayloadError
 from sim.compress.entropy_coding import (
-    count_dtype,
-    empirical_entropy_bits,
-    encoded_nbytes,
-    entropy_decode,
-    entropy_encode,
-    symbol_bits,
-    unwrap_index,
+    count_dtype, empirical_entropy_bits, encoded_nbytes, entropy_decode, entropy_encode, symbol_bits, unwrap_index,
     wrap_index,
 )
 from sim.compress.packing import pack_bits, unpack_bits

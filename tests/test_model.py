@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
+from transformers import LlamaConfig, LlamaForCausalLM, SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
 from sim.data import generate_synthetic_vqa, synthetic_vocabulary, write_llava_json
 from sim.data.tokenizer import build_word_tokenizer, get_tokenizer
@@ -21,6 +21,7 @@ def save_tiny_pretrained(tmp_path):
     tower = SiglipVisionModel(SiglipVisionConfig(
         hidden_size=48, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4))
     tower.save_pretrained(tmp_path / "vit")
+    SiglipImageProcessor(size={"height": 16, "width": 16}).save_pretrained(tmp_path / "vit")
     llm = LlamaForCausalLM(LlamaConfig(
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=2, max_position_embeddings=128))

@@ -21,6 +21,7 @@ from sim.data.casestudy import generate_faces_vqa
 from sim.data.tokenizer import get_tokenizer
 from sim.model import build_client_model, load_client_state
 from sim.model.feature_noise import add_feature_noise
+from sim.model.processor import image_processor
 from sim.training.client import client_runtime, load_weights
 from sim.training.server import build_server, initial_client_weights
 from sim.wire.arrays import record_to_arrays
@@ -63,7 +64,7 @@ def test_attacker_consumes_exactly_the_ledger_bytes(faces_cfg):
     load_weights(rt, weights)
     idx = rt.test_idx[np.arange(-(-n // cfg.batch_size) * cfg.batch_size) % n]
     with torch.no_grad():
-        y = torch.cat([rt.model(pixels(rt.data, idx[i:i + cfg.batch_size])).y for i in range(0, len(idx), cfg.batch_size)])
+        y = torch.cat([rt.model(pixels(rt.data, idx[i:i + cfg.batch_size], image_processor(cfg))).y for i in range(0, len(idx), cfg.batch_size)])
     assert torch.equal(obs.features, y[:n])
 
     # ... and depend on nothing but the captured bytes: scrambling the client's cached model

@@ -15,12 +15,7 @@ from sim.training.node import NodeIdentity
 from sim.training.server import build_server, evaluate, fedavg, initial_client_weights, server_steps, sync_round_state
 from sim.wire.arrays import WireError, arrays_to_record, payload_bytes, record_to_arrays, wire_bytes
 from sim.wire.messages import (
-    eval_request,
-    init_request,
-    parse_eval_reply,
-    parse_init_reply,
-    parse_train_reply,
-    train_request,
+    eval_request, init_request, parse_eval_reply, parse_init_reply, parse_train_reply, train_request,
 )
 from sim.wire.streams import FEATURE_RECORDS, GRAD_RECORDS
 

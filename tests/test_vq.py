@@ -10,18 +10,8 @@ from vector_quantize_pytorch import VectorQuantize
 
 from sim.compress.base import Payload, PayloadError
 from sim.compress.codecs.vq import (
-    CLUSTER_SIZE,
-    CODEBOOK_BUFFERS,
-    EMBED,
-    EMBED_AVG,
-    INITTED,
-    VQ,
-    VQClient,
-    VQServer,
-    VQSettings,
-    codebook_from_state,
-    codebook_keys,
-    fold_ema,
+    CLUSTER_SIZE, CODEBOOK_BUFFERS, EMBED, EMBED_AVG, INITTED, VQ, VQClient, VQServer, VQSettings,
+    codebook_from_state, codebook_keys, fold_ema,
 )
 from sim.compress.packing import pack_bits
 

@@ -10,18 +10,8 @@ property tests (docs/adding-a-compressor.md).
 from __future__ import annotations
 
 from .base import (
-    FEATURE_STREAMS,
-    STREAMS,
-    ClientCodec,
-    Codec,
-    Encoded,
-    IndexLayout,
-    Layout,
-    NoSettings,
-    Payload,
-    PayloadError,
-    ServerCodec,
-    WireArray,
+    FEATURE_STREAMS, STREAMS, ClientCodec, Codec, Encoded, IndexLayout, Layout, NoSettings, Payload, PayloadError,
+    ServerCodec, WireArray,
 )
 from .packing import PackError, pack_bits, packed_nbytes, unpack_bits
 from .registry import codec_names, get_codec, make_codec, register

@@ -226,6 +226,12 @@ class ClientCodec(nn.Module):
     def init_from(self, x: torch.Tensor) -> None:
         """Data-dependent initialisation from features ``x`` (B,N,D); no-op by default."""
 
+    def start_near_identity(self) -> None:
+        """Start as close to the identity as the method allows, for a compressor inserted
+        into a pretrained model (``init=<checkpoint>``): square projections ``proj`` become
+        the identity. AlignedVQ's DLP already starts at the identity (gamma = 0)."""
+        identity_projections(self)
+
 
 class ServerCodec(nn.Module):
     """Server half: ``unpack(Payload, shape) -> y_hat`` and ``forward(y_hat) -> x``.
@@ -259,6 +265,20 @@ class ServerCodec(nn.Module):
 
     def load_synced(self, state: dict[str, torch.Tensor], prefix: str = "") -> None:
         """Install round-synchronised client state (default: nothing to install)."""
+
+    def start_near_identity(self) -> None:
+        """As :meth:`ClientCodec.start_near_identity`."""
+        identity_projections(self)
+
+
+def identity_projections(codec: nn.Module) -> None:
+    """Set a codec half's square linear projection ``proj`` (if it has one) to the identity."""
+    proj = getattr(codec, "proj", None)
+    if isinstance(proj, nn.Linear) and proj.in_features == proj.out_features:
+        with torch.no_grad():
+            proj.weight.copy_(torch.eye(proj.in_features))
+            if proj.bias is not None:
+                proj.bias.zero_()
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -9,6 +9,7 @@ generated from these declarations (``python -m sim docs --write``).
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from sim.compress import codec_names
 from sim.settings import Setting
@@ -16,6 +17,8 @@ from sim.settings import Setting
 from .faults import parse_faults
 
 TINY = "tiny"
+SCRATCH = "scratch"  # init=scratch: random initialisation (the from-scratch regime)
+STAGES = ("align", "finetune", "both")
 SPLIT_POINT = re.compile(r"vit-ln1:(0|[1-9][0-9]{0,3})")  # vit-ln1:k = after LayerNorm 1 of vision block k
 IMAGE_POSITIONS = ("first", "after-question", "before-last-token")
 DATASETS = ("synthetic", "llava-json", "pathology", "retina", "faces")
@@ -34,6 +37,24 @@ def _fault_spec(value: str) -> None:
 def _not_empty(value: str) -> None:
     if not value:
         raise ValueError("it is empty")
+
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def resolve_init_dir(value: str) -> Path:
+    """An ``init`` directory: absolute as given; relative to the working directory when it
+    exists there, else to the project (so the shipped ``checkpoints/`` resolve from anywhere,
+    Ray workers and ``flwr run`` included)."""
+    p = Path(value).expanduser()
+    if p.is_absolute() or p.exists():
+        return p.resolve()
+    return PROJECT_ROOT / p
+
+
+def _init_ref(value: str) -> None:
+    if not value:
+        raise ValueError(f"it is empty; give '{SCRATCH}' or a checkpoint directory made by `python -m sim pretrain`")
 
 
 def _run_name(value: str) -> None:
@@ -123,7 +144,19 @@ CORE: tuple[Setting, ...] = (
     S("vision-layers", 2, "tiny vision tower blocks", lo=1, hi=128),
     S("llm-layers", 2, "tiny LLM layers", lo=1, hi=128),
     S("patch-size", 4, "tiny vision tower patch side (32x32 images, patch 4: 64 image tokens)", lo=1, hi=4096),
-    S("train-vision-tower", True, "train the vision tower on the clients"),
+    S("init", SCRATCH, "`scratch` (random initialisation) or a pretrained checkpoint directory made by `python -m "
+      "sim pretrain` (relative paths: to the working directory, else to the project; its `vision_tower/`, `llm/`, "
+      "`tokenizer/` and connector replace `tiny`/`auto`; docs/foundation.md)", check=_init_ref),
+    S("stage", "finetune", "what trains (TinyLLaVA's two stages): `align` (connector + compressor, the LLM frozen; "
+      "`align-lr`, `align-batch-size`), `finetune` (the LLM too, full or LoRA; `lr`, `batch-size`) or `both` "
+      "(`align-rounds` rounds of `align`, then `finetune`)", choices=STAGES),
+    S("align-rounds", 1, "rounds of the align stage when `stage=both`", lo=1, hi=100_000),
+    S("align-lr", 5e-4, "peak learning rate of the align stage (Quantized-TinyLLaVA: 5e-4)", lo=0.0, hi=10.0,
+      lo_open=True),
+    S("align-batch-size", 32, "micro-batch size per client in the align stage (Quantized-TinyLLaVA: 32)", lo=1,
+      hi=65_536),
+    S("train-vision-tower", "auto", "train the vision tower on the clients: `auto` = only from scratch (a pretrained "
+      "tower stays frozen, as in the papers)", choices=("auto", "true", "false")),
     S("llm-lora-rank", 0, "LoRA adapters (`peft`, every linear layer but the head) on the LLM; 0 = full fine-tuning",
       lo=0, hi=4096),
     S("llm-lora-alpha", 16.0, "LoRA alpha", lo=0.0, hi=1e6, lo_open=True),

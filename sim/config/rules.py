@@ -18,6 +18,7 @@ from .keys import CASE_STUDIES, TINY
 if TYPE_CHECKING:
     from .split_config import SplitConfig
 
+INIT_PARTS = ("manifest.json", "vision_tower", "llm", "tokenizer", "connector.safetensors")  # sim.model.pretrained
 CASE_STUDY_IMAGE_SIZES = (16, 384)  # the scikit-image case studies render tiles in this range
 STREAM_KEYS = {"image": ("compressor", "bits"), "residual": ("residual-compressor", "residual-bits"),
                "text": ("text-compressor", "text-bits"), "gradient": ("grad-compressor", "grad-bits")}
@@ -35,7 +36,7 @@ def active_streams(c: SplitConfig) -> tuple[str, ...]:
 
 
 def _split_block_exists(c: SplitConfig) -> None:
-    if c.split_block is not None and c.vision_tower == TINY and c.split_block >= c.vision_layers:
+    if c.split_block is not None and c.vision_tower_source == TINY and c.split_block >= c.vision_layers:
         raise ConfigError(f"Config key 'split-point' ({c.split_point}) names block {c.split_block} but the vision "
                           f"tower has {c.vision_layers} blocks (vision-layers).")
 
@@ -62,7 +63,7 @@ def _tiny_width(c: SplitConfig, stream: str) -> int:
     """A stream's feature width when the config alone fixes it (tiny models), else 0: the
     vision width at ``vit-ln1:k`` (image, residual), the LLM's otherwise."""
     vision = stream == "residual" or (stream == "image" and c.split_block is not None)
-    return c.hidden_size if (c.vision_tower if vision else c.llm) == TINY else 0
+    return c.hidden_size if (c.vision_tower_source if vision else c.llm_source) == TINY else 0
 
 
 def _entropy_coding(c: SplitConfig) -> None:
@@ -75,7 +76,7 @@ def _dataset(c: SplitConfig) -> None:
     if c.dataset in CASE_STUDIES:
         check_range("image-size", c.image_size, *CASE_STUDY_IMAGE_SIZES)
     if c.dataset == "llava-json":
-        if not c.data_path and c.tokenizer == "auto":
+        if not c.data_path and c.tokenizer_source == "auto":
             raise ConfigError(
                 "Config key 'data-path' is required when dataset='llava-json' (or leave it empty, give every "
                 "SuperNode its own with --node-config data-path=..., and set 'tokenizer' to a shared directory)."
@@ -96,16 +97,36 @@ def _model_ref(key: str, value: str, tiny_ok: bool) -> None:
         raise ConfigError(f"Config key '{key}': {value!r} is neither a directory nor a hub id.")
 
 
+def _init(c: SplitConfig) -> None:
+    """``init`` names a checkpoint directory with the layout of :mod:`sim.model.pretrained`."""
+    root = c.init_dir
+    if root is None:
+        return
+    if not root.is_dir():
+        raise ConfigError(f"Config key 'init': checkpoint directory {c.init!r} does not exist (make one with "
+                          f"`python -m sim pretrain --out DIR`, or use init=scratch).")
+    missing = [p for p in INIT_PARTS if not (root / p).exists()]
+    if missing:
+        raise ConfigError(f"Config key 'init': {c.init!r} is not a checkpoint made by `python -m sim pretrain`; "
+                          f"it lacks {', '.join(missing)}.")
+
+
+def _stages(c: SplitConfig) -> None:
+    if c.stage == "both" and c.align_rounds >= c.num_server_rounds:
+        raise ConfigError(f"Config key 'align-rounds' ({c.align_rounds}) must be below 'num-server-rounds' "
+                          f"({c.num_server_rounds}) with stage=both, so that fine-tuning gets rounds.")
+
+
 def _models(c: SplitConfig) -> None:
-    _model_ref("vision-tower", c.vision_tower, tiny_ok=True)
-    _model_ref("llm", c.llm, tiny_ok=True)
-    if c.tokenizer != "auto":
-        _model_ref("tokenizer", c.tokenizer, tiny_ok=False)
-    if c.vision_tower == TINY and c.hidden_size % 4:
+    _model_ref("vision-tower", c.vision_tower_source, tiny_ok=True)
+    _model_ref("llm", c.llm_source, tiny_ok=True)
+    if c.tokenizer_source != "auto":
+        _model_ref("tokenizer", c.tokenizer_source, tiny_ok=False)
+    if c.vision_tower_source == TINY and c.hidden_size % 4:
         raise ConfigError(f"Config key 'hidden-size' ({c.hidden_size}) must be divisible by 4 for the tiny vision tower.")
     check_range("patch-size", c.patch_size, 1, c.image_size)
-    if c.vision_tower == TINY and c.image_size % c.patch_size:
+    if c.vision_tower_source == TINY and c.image_size % c.patch_size:
         raise ConfigError(f"Config key 'patch-size' ({c.patch_size}) must divide 'image-size' ({c.image_size}).")
 
 
-RULES = (_split_block_exists, _stream_codecs, _entropy_coding, _dataset, _models)
+RULES = (_init, _stages, _split_block_exists, _stream_codecs, _entropy_coding, _dataset, _models)

@@ -15,12 +15,13 @@ import dataclasses
 import difflib
 import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from sim.compress import Codec, codec_names, get_codec
 from sim.settings import ConfigError, Setting, codec_settings, same_declaration
 
-from .keys import CORE, SPLIT_POINT
+from .keys import CORE, SCRATCH, SPLIT_POINT, TINY, resolve_init_dir
 from .rules import RULES
 
 
@@ -87,6 +88,46 @@ class _SplitConfigMethods:
         """``k`` of ``split-point=vit-ln1:k`` (None for the connector split)."""
         m = SPLIT_POINT.fullmatch(self.split_point)
         return int(m.group(1)) if m else None
+
+    # ---- model sources and stages (docs/foundation.md) -------------------------------------------
+    @property
+    def init_dir(self) -> Path | None:
+        """The pretrained checkpoint directory of ``init`` (None for ``scratch``)."""
+        return None if self.init == SCRATCH else resolve_init_dir(self.init)
+
+    def _from_init(self, part: str, value: str, default: str) -> str:
+        root = self.init_dir
+        return str(root / part) if root is not None and value == default else value
+
+    @property
+    def vision_tower_source(self) -> str:
+        """``vision-tower``, or the checkpoint's ``vision_tower/`` when ``init`` is one and the key is ``tiny``."""
+        return self._from_init("vision_tower", self.vision_tower, TINY)
+
+    @property
+    def llm_source(self) -> str:
+        """``llm``, or the checkpoint's ``llm/`` (as for the tower)."""
+        return self._from_init("llm", self.llm, TINY)
+
+    @property
+    def tokenizer_source(self) -> str:
+        """``tokenizer``, or the checkpoint's ``tokenizer/`` when ``init`` is one and the key is ``auto``."""
+        return self._from_init("tokenizer", self.tokenizer, "auto")
+
+    @property
+    def trains_vision_tower(self) -> bool:
+        """``train-vision-tower``; ``auto`` trains it only from scratch."""
+        return self.train_vision_tower == "true" or (self.train_vision_tower == "auto" and self.init == SCRATCH)
+
+    def stage_at(self, rnd: int) -> str:
+        """``align`` or ``finetune``: the stage of round ``rnd`` (1-based)."""
+        if self.stage == "both":
+            return "align" if rnd <= self.align_rounds else "finetune"
+        return self.stage
+
+    def batch_size_at(self, rnd: int) -> int:
+        """The micro-batch size of round ``rnd``: ``align-batch-size`` in the align stage, else ``batch-size``."""
+        return self.align_batch_size if self.stage_at(rnd) == "align" else self.batch_size
 
     # ---- codecs -----------------------------------------------------------------------------
     def stream_codec(self, stream: str) -> tuple[str, int]:

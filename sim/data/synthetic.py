@@ -211,10 +211,12 @@ def object_box(obj: SceneObject, image_size: int) -> tuple[int, int, int]:
 
 
 # ----------------------------------------------------------------------------- questions
-def _anchors(objs: tuple[SceneObject, ...]) -> list[tuple[str, SceneObject]]:
-    """Phrases that pick exactly one object: unique shapes, then unique colours."""
+def _anchors(objs: tuple[SceneObject, ...], shapes: tuple[str, ...] = SHAPES,
+             colours: tuple[str, ...] = COLOURS) -> list[tuple[str, SceneObject]]:
+    """Phrases that pick exactly one object: unique shapes, then unique colours (in the
+    order of ``shapes``, ``colours``; the public corpus passes its larger sets)."""
     out = []
-    for attr, names, fmt in (("shape", SHAPES, "the {}"), ("colour", COLOURS, "the {} object")):
+    for attr, names, fmt in (("shape", shapes, "the {}"), ("colour", colours, "the {} object")):
         for name in names:
             hits = [o for o in objs if getattr(o, attr) == name]
             if len(hits) == 1:
@@ -302,13 +304,14 @@ def synthetic_vocabulary() -> list[str]:
 
 
 # ----------------------------------------------------------------------------- re-derivation
-def _resolve(objs: tuple[SceneObject, ...], phrase: str) -> SceneObject:
+def _resolve(objs: tuple[SceneObject, ...], phrase: str, shapes: tuple[str, ...] = SHAPES,
+             colours: tuple[str, ...] = COLOURS) -> SceneObject:
     m = re.fullmatch(r"the (\w+) object", phrase)
-    if m and m.group(1) in COLOURS:
+    if m and m.group(1) in colours:
         hits = [o for o in objs if o.colour == m.group(1)]
     else:
         m = re.fullmatch(r"the (\w+)", phrase)
-        if not m or m.group(1) not in SHAPES:
+        if not m or m.group(1) not in shapes:
             raise AmbiguousQuestion(f"cannot parse object phrase {phrase!r}")
         hits = [o for o in objs if o.shape == m.group(1)]
     if len(hits) != 1:

@@ -5,14 +5,19 @@ text (for the synthetic and case-study sets, from their closed vocabularies, so
 every party derives the same table without seeing data) and wraps it as
 ``PreTrainedTokenizerFast``; the run saves it with ``save_pretrained``. Any other value is a local directory or
 hub id loaded with ``AutoTokenizer.from_pretrained``.
+
+:func:`build_subword_tokenizer` is the open-vocabulary variant for a pretrained
+checkpoint: a fixed WordPiece table (known words whole, anything else spelled in
+characters), optionally with a chat template (:data:`DEFAULT_CHAT_TEMPLATE`).
 """
 
 from __future__ import annotations
 
 import functools
+import string
 from collections.abc import Iterable
 
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from sim.config import SplitConfig
@@ -20,6 +25,16 @@ from sim.config import SplitConfig
 from . import CASE_STUDY_VOCABULARIES, load_examples, synthetic_vocabulary
 
 SPECIALS = {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<bos>", "eos_token": "<eos>"}
+CHAT_MARKERS = ("<user>", "<assistant>")
+# One user turn -> "<user> question <assistant>"; an assistant turn -> "<assistant> answer <eos>".
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}<user> {{ m['content'] }} "
+    "{% elif m['role'] == 'assistant' %}<assistant> {{ m['content'] }} {{ eos_token }} {% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+_CHARS = string.ascii_lowercase + string.digits + string.punctuation
 
 
 def build_word_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
@@ -32,6 +47,36 @@ def build_word_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIALS["unk_token"]))
     core.pre_tokenizer = pre
     return PreTrainedTokenizerFast(tokenizer_object=core, **SPECIALS)
+
+
+def build_subword_tokenizer(words: Iterable[str], chat_template: str | None = None) -> PreTrainedTokenizerFast:
+    """A deterministic WordPiece tokenizer (no training): every given word is one token and
+    any other lowercase ASCII text is spelled in characters (``nuclei`` -> ``n ##u ##c ##l ##e ##i``).
+
+    Vocabulary, in this order: :data:`SPECIALS`; with a ``chat_template``, the chat markers
+    :data:`CHAT_MARKERS` (special tokens, never split); the sorted given words (lowercased,
+    split like the input, so whole texts may be given); every character of
+    ``ascii_lowercase + digits + punctuation``; and each of those characters' ``##``
+    continuation form (punctuation included, so runs such as ``?!`` or ``a_b``, which the
+    pre-tokenizer keeps together, do not fall back to ``<unk>``). Lowercase normaliser,
+    ``Whitespace`` pre-tokenizer, WordPiece decoder."""
+    pre = pre_tokenizers.Whitespace()
+    norm = normalizers.Lowercase()
+    known = sorted({w for text in words for w, _ in pre.pre_tokenize_str(norm.normalize_str(text))})
+    specials = [*SPECIALS.values(), *(CHAT_MARKERS if chat_template is not None else ())]
+    vocab: dict[str, int] = {}
+    for t in [*specials, *known, *_CHARS, *(f"##{c}" for c in _CHARS)]:
+        vocab.setdefault(t, len(vocab))
+    core = Tokenizer(models.WordPiece(vocab=vocab, unk_token=SPECIALS["unk_token"], max_input_chars_per_word=100))
+    core.normalizer = norm
+    core.pre_tokenizer = pre
+    core.decoder = decoders.WordPiece()
+    core.add_special_tokens(specials)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, **SPECIALS)
+    if chat_template is not None:
+        tok.add_special_tokens({"additional_special_tokens": list(CHAT_MARKERS)})
+        tok.chat_template = chat_template
+    return tok
 
 
 def load_tokenizer(ref: str) -> PreTrainedTokenizerBase:
@@ -58,4 +103,4 @@ def _cached(tokenizer: str, dataset: str, data_path: str, image_size: int, num_s
 
 def get_tokenizer(cfg: SplitConfig) -> PreTrainedTokenizerBase:
     """``tokenizer=auto``: a word-level table from the dataset's text; else from_pretrained."""
-    return _cached(cfg.tokenizer, cfg.dataset, cfg.data_path, cfg.image_size, cfg.num_samples, cfg.seed, cfg.on_bad_record)
+    return _cached(cfg.tokenizer_source, cfg.dataset, cfg.data_path, cfg.image_size, cfg.num_samples, cfg.seed, cfg.on_bad_record)

@@ -35,14 +35,9 @@ from sim.config import SplitConfig, active_streams
 from sim.data.tokenizer import get_tokenizer
 
 from .feature_noise import add_feature_noise
+from .pretrained import load_connector
 from .towers import (
-    build_llm,
-    build_vision_tower,
-    llm_hidden_size,
-    make_connector,
-    patch_tokens,
-    stream_width,
-    vision_hidden_size,
+    build_llm, build_vision_tower, llm_hidden_size, make_connector, patch_tokens, stream_width, vision_hidden_size,
 )
 from .vit_split import VisionHead, VisionTail
 
@@ -156,6 +151,8 @@ class ServerModel(nn.Module):
         self.llm = llm
         self.tail, self.connector = tail, connector
         self.residual_codec, self.text_codec = codecs.residual, codecs.text
+        # what the finetune stage trains of the LLM (set_stage freezes it for align)
+        self.llm_finetuned = [p for p in llm.parameters() if p.requires_grad]
 
     def codecs(self) -> Streams[ServerCodec]:
         """The codec server half of every active stream."""
@@ -194,22 +191,27 @@ class ServerModel(nn.Module):
         The image tokens go after the first ``split[b]`` text tokens of row ``b`` (the
         first question), or first when ``split`` is None. Text token ``j >= split`` sits
         at position ``N + j`` either way, so answers are read out at the same positions."""
-        img = img.to(txt.dtype)
-        if split is None:
-            return self.llm(inputs_embeds=torch.cat([img, txt], dim=1)).logits
-        B, T, D = txt.shape
-        N = img.shape[1]
-        j = torch.arange(T).expand(B, T)
-        text_pos = torch.where(j < split[:, None], j, j + N)
-        img_pos = split[:, None] + torch.arange(N)
-        seq = txt.new_zeros(B, N + T, D)
-        seq = seq.scatter(1, text_pos[..., None].expand(B, T, D), txt)
-        seq = seq.scatter(1, img_pos[..., None].expand(B, N, D), img)
-        return self.llm(inputs_embeds=seq).logits
+        return sequence_logits(self.llm, img, txt, split)
 
     def logits(self, y_hat: torch.Tensor, text_ids: torch.Tensor, split: torch.Tensor | None = None) -> torch.Tensor:
         """(B,N,D) decoded image features + (B,T) ids -> (B,N+T,V) logits (image stream only)."""
         return self.sequence_logits(self.image_embeds(Streams(y_hat)), self.text_embeds(text_ids), split)
+
+
+def sequence_logits(llm: nn.Module, img: torch.Tensor, txt: torch.Tensor, split: torch.Tensor | None = None) -> torch.Tensor:
+    """The LLM's logits over image tokens placed among the text (:meth:`ServerModel.sequence_logits`)."""
+    img = img.to(txt.dtype)
+    if split is None:
+        return llm(inputs_embeds=torch.cat([img, txt], dim=1)).logits
+    B, T, D = txt.shape
+    N = img.shape[1]
+    j = torch.arange(T).expand(B, T)
+    text_pos = torch.where(j < split[:, None], j, j + N)
+    img_pos = split[:, None] + torch.arange(N)
+    seq = txt.new_zeros(B, N + T, D)
+    seq = seq.scatter(1, text_pos[..., None].expand(B, T, D), txt)
+    seq = seq.scatter(1, img_pos[..., None].expand(B, N, D), img)
+    return llm(inputs_embeds=seq).logits
 
 
 def _text_embedding_copy(cfg: SplitConfig, vocab_size: int) -> nn.Embedding:
@@ -223,10 +225,15 @@ def _text_embedding_copy(cfg: SplitConfig, vocab_size: int) -> nn.Embedding:
 def _codec_halves(cfg: SplitConfig) -> Streams[tuple[ClientCodec, ServerCodec]]:
     """Both halves of every active stream's codec. Each side builds both, in stream order,
     so that the seeded initialisation of whatever it builds next is the same on both sides
-    and in every run (the unused halves are dropped)."""
+    and in every run (the unused halves are dropped). Inserted into a pretrained model
+    (``init=<dir>``), they start near the identity."""
     def halves(stream: str) -> tuple[ClientCodec, ServerCodec]:
         spec = cfg.codec(stream, stream_width(cfg, stream))
-        return spec.client(), spec.server()
+        client, server = spec.client(), spec.server()
+        if cfg.init_dir is not None:
+            client.start_near_identity()
+            server.start_near_identity()
+        return client, server
 
     return Streams.of({s: halves(s) for s in active_streams(cfg)})
 
@@ -240,8 +247,11 @@ def build_client_model(cfg: SplitConfig, vocab_size: int | None = None) -> Clien
         torch.manual_seed(cfg.seed)
         tower = build_vision_tower(cfg)
         codecs = _codec_halves(cfg).map(lambda _, h: h[0])
-        return ClientModel(tower, llm_hidden_size(cfg), codecs, cfg.train_vision_tower, cfg.feature_noise, cfg.seed,
-                           split_block=cfg.split_block, text_embed=text_embed)
+        model = ClientModel(tower, llm_hidden_size(cfg), codecs, cfg.trains_vision_tower, cfg.feature_noise, cfg.seed,
+                            split_block=cfg.split_block, text_embed=text_embed)
+    if cfg.init_dir is not None and cfg.split_block is None:
+        load_connector(cfg.init_dir, model.connector)
+    return model
 
 
 def apply_lora(llm: PreTrainedModel, rank: int, alpha: float) -> nn.Module:
@@ -258,7 +268,7 @@ def build_server_model(cfg: SplitConfig, vocab_size: int) -> ServerModel:
     if cfg.split_block is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            tail = VisionTail(build_vision_tower(cfg), cfg.split_block)
+            tail = VisionTail(build_vision_tower(cfg), cfg.split_block).requires_grad_(cfg.trains_vision_tower)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 1)
         llm = build_llm(cfg, vocab_size)
@@ -268,4 +278,16 @@ def build_server_model(cfg: SplitConfig, vocab_size: int) -> ServerModel:
             llm = apply_lora(llm, cfg.llm_lora_rank, cfg.llm_lora_alpha)
         if cfg.text_mode == "quantized":  # the clients hold a frozen copy of this table
             llm.get_input_embeddings().weight.requires_grad_(False)
-        return ServerModel(codecs, llm, tail=tail, connector=connector)
+    if connector is not None and cfg.init_dir is not None:
+        load_connector(cfg.init_dir, connector)
+    return ServerModel(codecs, llm, tail=tail, connector=connector)
+
+
+def set_stage(model: ServerModel, stage: str) -> None:
+    """Freeze the LLM for TinyLLaVA's ``align`` stage; unfreeze what fine-tuning trains
+    (``finetune``: every LLM weight that trains, or only the LoRA adapters). A frozen
+    weight gets no gradient, so AdamW keeps no state for it."""
+    if stage not in ("align", "finetune"):
+        raise ValueError(f"unknown stage {stage!r}; valid: align, finetune")
+    for p in model.llm_finetuned:
+        p.requires_grad_(stage == "finetune")

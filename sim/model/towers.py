@@ -14,16 +14,16 @@ import functools
 import torch
 from torch import nn
 from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    CLIPVisionModel,
-    LlamaConfig,
-    PreTrainedModel,
-    SiglipVisionConfig,
+    AutoConfig, AutoModelForCausalLM, CLIPVisionModel, LlamaConfig, PreTrainedModel, SiglipVisionConfig,
     SiglipVisionModel,
 )
+from transformers.utils import logging as hf_logging
 
 from sim.config import TINY, SplitConfig
+
+# transformers draws a progress bar for every weight load and save; every simulated client
+# loads a checkpoint, so the bars would bury the run's own log lines
+hf_logging.disable_progress_bar()
 
 # Initialisation of the tiny models (pretrained models keep their own weights). Measured on
 # the synthetic benchmark (docs/results-spine.md): Llama's default std 0.02 is tuned for
@@ -46,7 +46,8 @@ _VISION_CLASSES = {
 
 def build_vision_tower(cfg: SplitConfig) -> PreTrainedModel:
     """A SigLIP vision tower: tiny from config, or ``from_pretrained``."""
-    if cfg.vision_tower == TINY:
+    source = cfg.vision_tower_source
+    if source == TINY:
         vc = SiglipVisionConfig(
             hidden_size=cfg.hidden_size,
             intermediate_size=2 * cfg.hidden_size,
@@ -61,22 +62,21 @@ def build_vision_tower(cfg: SplitConfig) -> PreTrainedModel:
         with torch.no_grad():
             _embeddings(tower).position_embedding.weight.copy_(TINY_POS_EMB_SCALE * sincos_2d(grid, cfg.hidden_size))
         return tower
-    model_type = AutoConfig.from_pretrained(cfg.vision_tower).model_type
+    model_type = AutoConfig.from_pretrained(source).model_type
     if model_type not in _VISION_CLASSES:
         raise ValueError(
-            f"vision-tower {cfg.vision_tower!r} has model_type {model_type!r}; "
-            f"supported: {', '.join(sorted(_VISION_CLASSES))}"
+            f"vision-tower {source!r} has model_type {model_type!r}; supported: {', '.join(sorted(_VISION_CLASSES))}"
         )
-    tower = _VISION_CLASSES[model_type].from_pretrained(cfg.vision_tower)
+    tower = _VISION_CLASSES[model_type].from_pretrained(source)
     size = tower.config.image_size
     if size != cfg.image_size:
-        raise ValueError(f"image-size is {cfg.image_size} but vision-tower {cfg.vision_tower!r} expects {size}")
+        raise ValueError(f"image-size is {cfg.image_size} but vision-tower {source!r} expects {size}")
     return tower
 
 
 def build_llm(cfg: SplitConfig, vocab_size: int) -> PreTrainedModel:
     """A Llama-style causal LM: tiny from config, or ``from_pretrained``."""
-    if cfg.llm == TINY:
+    if cfg.llm_source == TINY:
         lc = LlamaConfig(
             vocab_size=vocab_size,
             hidden_size=cfg.hidden_size,
@@ -89,10 +89,10 @@ def build_llm(cfg: SplitConfig, vocab_size: int) -> PreTrainedModel:
             initializer_range=TINY_LLM_INIT_STD,
         )
         return AutoModelForCausalLM.from_config(lc)
-    llm = AutoModelForCausalLM.from_pretrained(cfg.llm)
+    llm = AutoModelForCausalLM.from_pretrained(cfg.llm_source)
     if llm.get_input_embeddings().num_embeddings < vocab_size:
         raise ValueError(
-            f"llm {cfg.llm!r} has {llm.get_input_embeddings().num_embeddings} embeddings but the "
+            f"llm {cfg.llm_source!r} has {llm.get_input_embeddings().num_embeddings} embeddings but the "
             f"tokenizer has {vocab_size} tokens; set tokenizer= to the LLM's own tokenizer"
         )
     return llm
@@ -117,9 +117,9 @@ def _embeddings(tower: PreTrainedModel) -> nn.Module:
 @functools.lru_cache(maxsize=8)
 def image_token_count(cfg: SplitConfig) -> int:
     """Image tokens N per sample at the split point (every patch; no CLS)."""
-    if cfg.vision_tower == TINY:
+    if cfg.vision_tower_source == TINY:
         return cfg.num_image_tokens
-    vc = AutoConfig.from_pretrained(cfg.vision_tower)
+    vc = AutoConfig.from_pretrained(cfg.vision_tower_source)
     vc = getattr(vc, "vision_config", vc)
     return (vc.image_size // vc.patch_size) ** 2
 
@@ -127,7 +127,7 @@ def image_token_count(cfg: SplitConfig) -> int:
 @functools.lru_cache(maxsize=8)
 def llm_hidden_size(cfg: SplitConfig) -> int:
     """Feature width D at the split point (the LLM's hidden size)."""
-    return cfg.hidden_size if cfg.llm == TINY else AutoConfig.from_pretrained(cfg.llm).hidden_size
+    return cfg.hidden_size if cfg.llm_source == TINY else AutoConfig.from_pretrained(cfg.llm_source).hidden_size
 
 
 def patch_tokens(tower: PreTrainedModel, pixels: torch.Tensor) -> torch.Tensor:
@@ -139,9 +139,9 @@ def patch_tokens(tower: PreTrainedModel, pixels: torch.Tensor) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=8)
 def vision_hidden_size(cfg: SplitConfig) -> int:
-    if cfg.vision_tower == TINY:
+    if cfg.vision_tower_source == TINY:
         return cfg.hidden_size
-    vc = AutoConfig.from_pretrained(cfg.vision_tower)
+    vc = AutoConfig.from_pretrained(cfg.vision_tower_source)
     return getattr(vc, "vision_config", vc).hidden_size
 
 

@@ -4,6 +4,7 @@
     python -m sim run --in-process ...                              the same run without Flower's runtime
     python -m sim run --resume DIR                                  continue an interrupted one
     python -m sim deploy [--supernodes N] --out DIR [-c KEY=VALUE ...] [--insecure]
+    python -m sim pretrain --out DIR [--quick] [--set KEY=VALUE ...] centralised pretraining -> a checkpoint for init=DIR
     python -m sim codecs                                            the registered codecs
     python -m sim docs [--write | --check]                          the generated config tables
 
@@ -106,8 +107,16 @@ def _resume_config(run_dir: Path, args: argparse.Namespace) -> SplitConfig:
 
 
 def _check_local_data(cfg: SplitConfig) -> None:
-    """Load a LLaVA JSON dataset before starting, so a bad file or record stops the run
-    with an error naming it (``on-bad-record=error``) instead of failing every client."""
+    """Load a LLaVA JSON dataset and the tower's image processor before starting, so a bad
+    file or record (``on-bad-record=error``) or a tower saved without its processor stops
+    the run with an error naming it instead of failing every client."""
+    if cfg.vision_tower_source != "tiny":
+        from sim.model.processor import image_processor
+
+        try:
+            image_processor(cfg)
+        except ValueError as err:
+            raise ConfigError(f"Config key 'vision-tower': {err}") from None
     if cfg.dataset == "llava-json" and cfg.data_path:
         from sim.data import load_examples
 
@@ -173,18 +182,48 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--out", required=True, help="run directory (the deployment's certificates and logs go beside it)")
     d.add_argument("-c", "--config", action="append", metavar="KEY=VALUE", help="override a config key")
     d.add_argument("--insecure", action="store_true", help="no TLS and no SuperNode authentication")
+    t = sub.add_parser("pretrain", help="centralised pretraining of the tiny VLM on the public corpus -> a checkpoint "
+                                        "directory for init=DIR (docs/foundation.md)")
+    t.add_argument("--out", required=True, help="checkpoint directory to write (must not hold a checkpoint yet)")
+    t.add_argument("--quick", action="store_true", help="a tiny model on a tiny corpus in seconds (for tests)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe setting (sim/pretrain/recipe.py)")
+    t.add_argument("--verify", action="store_true", help="only check the files of --out against its manifest's sha256")
     sub.add_parser("codecs", help="the registered codecs: streams, bit ranges, integer codes")
     g = sub.add_parser("docs", help="the tables generated from the declared settings (pyproject.toml, README.md, "
                                     "docs/compressors.md)")
     g.add_argument("--write", action="store_true", help="rewrite the generated parts of those files")
     g.add_argument("--check", action="store_true", help="exit 1 if any of them is out of date")
     args = parser.parse_args(argv)
-    commands = {"run": run, "deploy": deploy, "codecs": codecs, "docs": docs}
+    commands = {"run": run, "deploy": deploy, "pretrain": pretrain, "codecs": codecs, "docs": docs}
     try:
         return commands[args.command](args)
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def pretrain(args: argparse.Namespace) -> int:
+    """``python -m sim pretrain``: :func:`sim.pretrain.train.pretrain` (or ``--verify`` a checkpoint)."""
+    from sim.model.pretrained import MANIFEST_FILE, verify_checkpoint
+
+    out = Path(args.out).expanduser()
+    if args.verify:
+        bad = verify_checkpoint(out)
+        for line in bad:
+            print(f"{out}: {line}", file=sys.stderr)
+        print(f"{out}: {'intact' if not bad else f'{len(bad)} problems'}")
+        return 1 if bad else 0
+    if (out / MANIFEST_FILE).exists():
+        raise ConfigError(f"{out} already holds a checkpoint; pick another --out")
+    from sim.pretrain.recipe import QUICK, RECIPE
+    from sim.pretrain.train import pretrain as run_pretraining
+
+    recipe = (QUICK if args.quick else RECIPE).with_overrides(parse_overrides(args.set or []))
+    command = ["python", "-m", "sim", "pretrain", "--out", args.out, *(["--quick"] if args.quick else [])]
+    command += [f"--set {pair}" for pair in args.set or []]
+    manifest = run_pretraining(recipe, out, command=command)
+    print(json.dumps(manifest["final_metrics"], indent=2))
+    return 0
 
 
 def codecs(args: argparse.Namespace) -> int:
@@ -218,6 +257,8 @@ def deploy(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.config or [])
     overrides |= {"out-dir": str(out.parent), "run-name": out.name, "expected-clients": str(args.supernodes)}
     cfg = SplitConfig.from_run_config(overrides)
+    if cfg.init_dir is not None:  # the ClientApps run from the installed FAB, which holds no checkpoint
+        cfg = cfg.replace(init=str(cfg.init_dir))
     if (out / "summary.json").exists():
         raise ConfigError(f"{out} already holds a finished run; pick another --out")
     work = out.parent / f"{out.name}-deployment"

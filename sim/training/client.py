@@ -22,6 +22,7 @@ from sim.data import bad_record_count, client_shard, load_examples
 from sim.data.batches import TextBatch, TokenisedExamples, eval_text, pixels, step_indices, tokenise, train_text
 from sim.data.tokenizer import get_tokenizer
 from sim.model import ClientBatch, ClientModel, build_client_model, client_state, image_token_count, load_client_state
+from sim.model.processor import image_processor
 
 from .schedule import lr_at, make_optimiser
 from .split_step import client_apply_grads, trainable
@@ -115,7 +116,7 @@ def load_optimiser_state(rt: ClientRuntime, flat: dict[str, torch.Tensor] | None
 
 # ----------------------------------------------------------------------------- steps
 def micro_batch(rt: ClientRuntime, rnd: int, step: int) -> np.ndarray:
-    local = step_indices(len(rt.train_idx), rt.cfg.batch_size, rt.cfg.seed, rt.partition, rnd, step)
+    local = step_indices(len(rt.train_idx), rt.cfg.batch_size_at(rnd), rt.cfg.seed, rt.partition, rnd, step)
     return rt.train_idx[local]
 
 
@@ -124,7 +125,7 @@ def client_batch(rt: ClientRuntime, idx: np.ndarray, text: list[np.ndarray] | No
     (the whole sequences unless ``text`` gives others, e.g. evaluation prompts)."""
     if rt.cfg.text_mode == "quantized" and text is None:
         text = [rt.data.ids[i] for i in idx]
-    return ClientBatch(pixels(rt.data, idx), text if rt.cfg.text_mode == "quantized" else None)
+    return ClientBatch(pixels(rt.data, idx, image_processor(rt.cfg)), text if rt.cfg.text_mode == "quantized" else None)
 
 
 def pack_streams(rt: ClientRuntime, encs: Streams[Encoded]) -> Streams[Payload]:

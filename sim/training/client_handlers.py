@@ -16,28 +16,12 @@ from sim.config import ConfigError, SplitConfig
 from sim.config.faults import EVAL, inject
 from sim.model import synced_names
 from sim.wire.arrays import WireError, meta_int
-from sim.wire.messages import (
-    MAX_STEPS,
-    eval_reply,
-    hello_reply,
-    init_reply,
-    parse_train_request,
-    train_reply,
-)
+from sim.wire.messages import MAX_STEPS, eval_reply, hello_reply, init_reply, parse_train_request, train_reply
 from sim.wire.streams import decode_grad_records, micro_batch_shapes
 
 from .client import (
-    ClientRuntime,
-    apply_steps,
-    client_runtime,
-    encode_eval,
-    encode_steps,
-    get_optimiser_state,
-    get_weights,
-    init_codec_state,
-    load_optimiser_state,
-    load_weights,
-    micro_batch,
+    ClientRuntime, apply_steps, client_runtime, encode_eval, encode_steps, get_optimiser_state, get_weights,
+    init_codec_state, load_optimiser_state, load_weights, micro_batch,
 )
 from .client_checkpoint import load_optimiser_file, save_optimiser_file
 from .node import NodeIdentity
@@ -54,7 +38,7 @@ def _client_config(content: RecordDict, state: RecordDict, node: NodeIdentity) -
     if node.data_path:
         if cfg.dataset != "llava-json":
             raise ConfigError(f"node config 'data-path' is set but the run's dataset is {cfg.dataset!r}, not 'llava-json'")
-        if cfg.tokenizer == "auto":
+        if cfg.tokenizer_source == "auto":
             raise ConfigError("node config 'data-path' needs the run's 'tokenizer' to be a shared directory: "
                               "tokenizer=auto would build a different vocabulary on every site")
         cfg = cfg.replace(data_path=node.data_path)

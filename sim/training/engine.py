@@ -42,34 +42,14 @@ from sim.config import SplitConfig
 from sim.wire.arrays import WireError, payload_bytes, wire_bytes
 from sim.wire.ledger import Ledger, LedgerRow
 from sim.wire.messages import (
-    DOWNLINK_INFO,
-    EVALUATE,
-    HELLO,
-    INIT,
-    TRAIN,
-    UPLINK_INFO,
-    EvalUpload,
-    TrainUpload,
-    eval_request,
-    hello_request,
-    hello_schema,
-    init_request,
-    parse_eval_reply,
-    parse_init_reply,
-    parse_train_reply,
-    train_request,
+    DOWNLINK_INFO, EVALUATE, HELLO, INIT, TRAIN, UPLINK_INFO, EvalUpload, TrainUpload, eval_request, hello_request,
+    hello_schema, init_request, parse_eval_reply, parse_init_reply, parse_train_reply, train_request,
 )
 from sim.wire.schema import Expect, validate, weight_spec
 from sim.wire.streams import FEATURE_RECORDS
 
 from .server import (
-    ServerRuntime,
-    evaluate,
-    exchange_schedule,
-    fedavg,
-    needs_codec_init,
-    sample_partitions,
-    server_steps,
+    ServerRuntime, evaluate, exchange_schedule, fedavg, needs_codec_init, sample_partitions, server_steps,
     sync_round_state,
 )
 from .transport import Transport
@@ -250,7 +230,7 @@ class RoundEngine:
                 dropped.update({p: f"exchange {e}: round stopped: {err}" for p in active})
                 break
             losses += step_losses
-            samples += len(encode) * self.cfg.batch_size * len(active)
+            samples += len(encode) * self.cfg.batch_size_at(rnd) * len(active)
             nxt_apply, nxt_encode = schedule[e + 1]
             msgs = [
                 Message(train_request(self.cfg, rnd, e + 1, nxt_apply, nxt_encode, e + 1 == len(schedule) - 1, grads=grads[i]),

@@ -30,16 +30,28 @@ def total_steps(cfg: SplitConfig) -> int:
     return cfg.num_server_rounds * cfg.local_steps
 
 
+def stage_span(cfg: SplitConfig, rnd: int) -> tuple[int, int, float]:
+    """``(first round, rounds, peak lr)`` of the stage that round ``rnd`` belongs to: the
+    whole run, except with ``stage=both``, whose align and finetune stages each have their
+    own warm-up and cosine decay (at ``align-lr`` and ``lr``)."""
+    if cfg.stage == "both":
+        if rnd <= cfg.align_rounds:
+            return 1, cfg.align_rounds, cfg.align_lr
+        return cfg.align_rounds + 1, cfg.num_server_rounds - cfg.align_rounds, cfg.lr
+    return 1, cfg.num_server_rounds, cfg.align_lr if cfg.stage == "align" else cfg.lr
+
+
 def lr_at(cfg: SplitConfig, rnd: int, step: int) -> float:
     """The learning rate of micro-batch ``step`` (0-based) of round ``rnd`` (1-based)."""
-    t = (rnd - 1) * cfg.local_steps + step
+    first, rounds, peak = stage_span(cfg, rnd)
+    t = (rnd - first) * cfg.local_steps + step
     if cfg.lr_schedule == "constant":
-        return cfg.lr
+        return peak
     if t < cfg.warmup_steps:
-        return cfg.lr * (t + 1) / cfg.warmup_steps
-    span = max(1, total_steps(cfg) - cfg.warmup_steps)
+        return peak * (t + 1) / cfg.warmup_steps
+    span = max(1, rounds * cfg.local_steps - cfg.warmup_steps)
     u = min(1.0, (t - cfg.warmup_steps) / span)
-    return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * u)))
+    return peak * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * u)))
 
 
 def set_lr(opt: Optimizer, lr: float) -> None:

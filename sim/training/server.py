@@ -15,15 +15,8 @@ from sim.config import SplitConfig
 from sim.data.batches import QTYPES, TextBatch
 from sim.data.tokenizer import get_tokenizer
 from sim.model import (
-    ServerModel,
-    build_client_model,
-    build_server_model,
-    client_state,
-    fold_client_state,
-    image_token_count,
-    load_server_synced,
-    state_needs_init,
-    stream_width,
+    ServerModel, build_client_model, build_server_model, client_state, fold_client_state, image_token_count,
+    load_server_synced, set_stage, state_needs_init, stream_width,
 )
 
 from .schedule import lr_at, make_optimiser
@@ -99,6 +92,7 @@ def server_steps(
 
     ``y_hats[c][i]`` is client ``c``'s micro-batch ``steps[i]``. Each step concatenates
     all clients' micro-batch. Returns the losses and ``grads[c][i]``."""
+    set_stage(rt.model, rt.cfg.stage_at(rnd))
     losses, grads = [], [[] for _ in y_hats]
     for i, step in enumerate(steps):
         loss, g = server_train_step(

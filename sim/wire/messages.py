@@ -32,21 +32,11 @@ from sim.model import STREAM_PREFIX, stream_width
 from .arrays import WireError, arrays_to_record, meta_int, record_to_arrays
 from .schema import FLOAT, FLOATS, INT, INTS, Arrays, Expect, Key, Schema, validate
 from .streams import (
-    FEATURE_RECORDS,
-    GRAD_RECORDS,
-    decode_payload_records,
-    grad_records,
-    micro_batch_shapes,
-    payload_records,
+    FEATURE_RECORDS, GRAD_RECORDS, decode_payload_records, grad_records, micro_batch_shapes, payload_records,
     split_prompt_stream,
 )
 from .text import (
-    decode_ragged,
-    encode_label_text,
-    encode_ragged,
-    encode_train_text,
-    split_train_text,
-    text_token_counts,
+    decode_ragged, encode_label_text, encode_ragged, encode_train_text, split_train_text, text_token_counts,
 )
 
 HELLO, TRAIN, EVALUATE, INIT = "query.hello", "train.split_step", "evaluate.split_infer", "query.init_codec"

@@ -35,16 +35,7 @@ import torch
 from torch import nn
 
 from ..base import (
-    ClientCodec,
-    Codec,
-    Encoded,
-    IndexLayout,
-    Layout,
-    Payload,
-    ServerCodec,
-    WireArray,
-    numel,
-    straight_through,
+    ClientCodec, Codec, Encoded, IndexLayout, Layout, Payload, ServerCodec, WireArray, numel, straight_through,
 )
 from ..packing import pack_bits, packed_nbytes, unpack_codes
 from .rdfsq import index_to_value, round_to_grid

@@ -17,16 +17,7 @@ import torch
 from sim.settings import option
 
 from ..base import (
-    ClientCodec,
-    Codec,
-    Encoded,
-    Layout,
-    Payload,
-    PayloadError,
-    ServerCodec,
-    WireArray,
-    numel,
-    require_finite,
+    ClientCodec, Codec, Encoded, Layout, Payload, PayloadError, ServerCodec, WireArray, numel, require_finite,
     straight_through,
 )
 

@@ -42,26 +42,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.stats import norm
 
 from sim.settings import option
 
 from ..base import (
-    ClientCodec,
-    Codec,
-    Encoded,
-    IndexLayout,
-    Layout,
-    Payload,
-    PayloadError,
-    ServerCodec,
-    WireArray,
-    check_layout,
-    fp16_directed,
-    numel,
-    require_finite,
-    rows_of,
-    straight_through,
+    ClientCodec, Codec, Encoded, IndexLayout, Layout, Payload, PayloadError, ServerCodec, WireArray, check_layout,
+    fp16_directed, numel, require_finite, rows_of, straight_through,
 )
 from ..packing import pack_bits, packed_nbytes, unpack_codes
 
@@ -71,6 +57,8 @@ _TINY = 1e-30  # divisor floor for all-zero / constant blocks (their codes are e
 
 def seed_codebook(bits: int) -> torch.Tensor:
     """``Phi^-1((i + 0.5)/2^b) / max|Phi^-1|`` for ``i = 0..2^b-1`` (ascending, float32)."""
+    from scipy.stats import norm  # imported when a codebook is built: scipy.stats is slow to import
+
     q = norm.ppf((np.arange(2**bits) + 0.5) / 2**bits)
     return torch.from_numpy(q / np.abs(q).max()).float()
 
@@ -82,6 +70,8 @@ def qlora_offset(bits: int) -> float:
 
 def qlora_codebook(bits: int) -> torch.Tensor:
     """bitsandbytes-style NormalFloat: exact zero, ``2^(b-1)`` positive, ``2^(b-1)-1`` negative."""
+    from scipy.stats import norm
+
     off, half = qlora_offset(bits), 2 ** (bits - 1)
     pos = norm.ppf(np.linspace(off, 0.5, half + 1)[:-1])
     neg = -norm.ppf(np.linspace(off, 0.5, half)[:-1])

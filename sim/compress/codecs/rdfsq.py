@@ -55,19 +55,8 @@ from torch import nn
 from sim.settings import option
 
 from ..base import (
-    ClientCodec,
-    Codec,
-    Encoded,
-    IndexLayout,
-    Layout,
-    Payload,
-    PayloadError,
-    ServerCodec,
-    WireArray,
-    ema_decay_option,
-    numel,
-    require_finite,
-    straight_through,
+    ClientCodec, Codec, Encoded, IndexLayout, Layout, Payload, PayloadError, ServerCodec, WireArray,
+    ema_decay_option, numel, require_finite, straight_through,
 )
 from ..packing import pack_bits, packed_nbytes, unpack_codes
 

@@ -40,17 +40,8 @@ import torch
 from sim.settings import option
 
 from ..base import (
-    ClientCodec,
-    Codec,
-    Encoded,
-    Layout,
-    Payload,
-    PayloadError,
-    ServerCodec,
-    WireArray,
-    check_layout,
-    require_finite,
-    rows_of,
+    ClientCodec, Codec, Encoded, Layout, Payload, PayloadError, ServerCodec, WireArray, check_layout,
+    require_finite, rows_of,
 )
 from ..packing import pack_bits, packed_nbytes, unpack_codes
 

@@ -52,24 +52,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from vector_quantize_pytorch import VectorQuantize
-from vector_quantize_pytorch.vector_quantize_pytorch import laplace_smoothing
 
 from sim.settings import option
 
 from ..base import (
-    ClientCodec,
-    Codec,
-    Encoded,
-    IndexLayout,
-    Layout,
-    Payload,
-    PayloadError,
-    ServerCodec,
-    WireArray,
-    ema_decay_option,
-    rows_of,
-    straight_through,
+    ClientCodec, Codec, Encoded, IndexLayout, Layout, Payload, PayloadError, ServerCodec, WireArray,
+    ema_decay_option, rows_of, straight_through,
 )
 from ..packing import pack_bits, packed_nbytes, unpack_codes
 
@@ -99,6 +87,8 @@ def lookup(codebook: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def fold_ema(state: dict[str, torch.Tensor], prefix: str = "", eps: float = EPS) -> dict[str, torch.Tensor]:
     """A copy of ``state`` whose codebook is ``embed_avg / smoothed cluster_size``."""
+    from vector_quantize_pytorch.vector_quantize_pytorch import laplace_smoothing  # see VQClient.__init__
+
     cs, avg = state[prefix + CLUSTER_SIZE], state[prefix + EMBED_AVG]
     n = laplace_smoothing(cs, cs.shape[-1], eps) * cs.sum(dim=-1, keepdim=True)
     out = dict(state)
@@ -136,6 +126,10 @@ class VQClient(ClientCodec):
         self.size, self.seed = spec.size, spec.seed
         self.proj_in = nn.Linear(self.dim, self.dim)
         self.gamma_in = nn.Parameter(torch.zeros(()))
+        # imported here, not with the module: the config imports every codec module to read
+        # its declaration, and vector-quantize-pytorch takes seconds to import
+        from vector_quantize_pytorch import VectorQuantize
+
         self.vq = VectorQuantize(
             dim=self.dim, codebook_size=self.size, decay=s.ema_decay, eps=EPS, commitment_weight=s.beta,
             kmeans_init=True, kmeans_iters=s.kmeans_iters, sync_kmeans=False, sync_codebook=False,
