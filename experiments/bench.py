@@ -90,6 +90,7 @@ def plan(quick: bool) -> dict:
             "p5": {"config": {**tiny, "num-server-rounds": 2, "local-steps": 4, "steps-per-exchange": 4},
                    "totals": [(10, 2)], "sampled_curve": []},
             "p6_shape": (8, 16, 32), "p4_steps": 10, "p2_samples": (1, 8, 32),
+            "profile_rate": 10,  # py-spy --subprocesses at 100 Hz made the 40 s quick run take 135 s here
         }
     return {
         "p1_default": {"num-server-rounds": 1},  # the default config, one round of 200 steps
@@ -99,6 +100,7 @@ def plan(quick: bool) -> dict:
         "p5": {"config": {"num-server-rounds": 3, "local-steps": 20, "steps-per-exchange": 10, "num-samples": 20000},
                "totals": [(10, 4), (100, 4), (1000, 4)], "sampled_curve": [(1000, 2), (1000, 8), (1000, 32)]},
         "p6_shape": (64, 64, 128), "p4_steps": 200, "p2_samples": (1, 8, 16, 32, 160),
+        "profile_rate": 100,
     }
 
 
@@ -145,7 +147,7 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
                 row = bench_sim.p5_scale(p5["config"], total, sampled, f"{total} SuperNodes, {sampled} sampled")
                 rows.append({**row, "figure": fig, "repeat": r})
     if "profile" in only:
-        rows += profile_exchange(p["p1_default"], p["p1_default_clients"], top=12)
+        rows += profile_exchange(p["p1_default"], p["p1_default_clients"], top=12, rate=p["profile_rate"])
     return pd.DataFrame(rows)
 
 
