@@ -16,7 +16,6 @@ its losses bitwise and writes the same bytes (tests/test_pretrain.py).
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from collections import defaultdict
@@ -41,6 +40,7 @@ from sim.model import build_llm, build_vision_tower, make_connector, sequence_lo
 from sim.model.pretrained import save_checkpoint
 from sim.model.processor import image_processor
 from sim.model.towers import patch_tokens
+from sim.training.schedule import warmup_cosine
 from sim.training.split_step import (
     answer_loss,
     first_answer_index,
@@ -95,10 +95,7 @@ def corpus(recipe: Recipe, tok) -> tuple[TokenisedExamples, TokenisedExamples, l
 
 
 def lr_at(recipe: Recipe, step: int) -> float:
-    if step < recipe.warmup_steps:
-        return recipe.lr * (step + 1) / recipe.warmup_steps
-    u = min(1.0, (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps))
-    return recipe.lr * (recipe.min_lr_ratio + (1 - recipe.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * u)))
+    return warmup_cosine(recipe.lr, step, recipe.steps, recipe.warmup_steps, recipe.min_lr_ratio)
 
 
 def batch_order(n: int, batch_size: int, steps: int, seed: int) -> np.ndarray:

@@ -44,14 +44,19 @@ def stage_span(cfg: SplitConfig, rnd: int) -> tuple[int, int, float]:
 def lr_at(cfg: SplitConfig, rnd: int, step: int) -> float:
     """The learning rate of micro-batch ``step`` (0-based) of round ``rnd`` (1-based)."""
     first, rounds, peak = stage_span(cfg, rnd)
-    t = (rnd - first) * cfg.local_steps + step
     if cfg.lr_schedule == "constant":
         return peak
-    if t < cfg.warmup_steps:
-        return peak * (t + 1) / cfg.warmup_steps
-    span = max(1, rounds * cfg.local_steps - cfg.warmup_steps)
-    u = min(1.0, (t - cfg.warmup_steps) / span)
-    return peak * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * u)))
+    return warmup_cosine(peak, (rnd - first) * cfg.local_steps + step, rounds * cfg.local_steps, cfg.warmup_steps,
+                         cfg.min_lr_ratio)
+
+
+def warmup_cosine(peak: float, t: int, total: int, warmup: int, min_ratio: float) -> float:
+    """The rate of step ``t`` of ``total``: linear warm-up over ``warmup`` steps, then cosine
+    decay to ``min_ratio * peak`` (also the pretraining's schedule, sim/pretrain/train.py)."""
+    if t < warmup:
+        return peak * (t + 1) / warmup
+    u = min(1.0, (t - warmup) / max(1, total - warmup))
+    return peak * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * u)))
 
 
 def set_lr(opt: Optimizer, lr: float) -> None:
