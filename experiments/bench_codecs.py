@@ -29,6 +29,13 @@ from sim.compress import unpack_bits
 from sim.compress.entropy_coding import empirical_entropy_bits, encoded_nbytes, entropy_decode, entropy_encode
 from sim.config import SplitConfig
 
+from .common import SCRATCH
+
+
+def _cfg(**kw) -> SplitConfig:
+    """The from-scratch config (:data:`experiments.common.SCRATCH`) with ``kw`` changed."""
+    return SplitConfig.from_run_config(SCRATCH).replace(**kw)
+
 P6_METHODS = ("rdfsq", "fsq", "nf")
 
 
@@ -60,7 +67,7 @@ def p6_codec_speed(bits: int = 2, shape: tuple[int, int, int] = (64, 64, 128), r
     fsq = FSQ(levels=[2**bits] * shape[-1]).eval()
     rows = []
     for method in P6_METHODS:
-        cfg = SplitConfig(compressor=method, bits=bits, hidden_size=shape[-1], seed=seed, nf_block=min(64, shape[-1]))
+        cfg = _cfg(compressor=method, bits=bits, hidden_size=shape[-1], seed=seed, nf_block=min(64, shape[-1]))
         spec = cfg.codec("image", shape[-1])
         client, server = spec.client(), spec.server()
         client.eval()
@@ -99,7 +106,7 @@ def p2_wire_efficiency(payload_samples: tuple[int, ...] = (1, 8, 32, 160)) -> li
     ensure_task_identity()  # a Message built outside a Flower run needs placeholder ids
     rows = []
     for method, bits in (("rdfsq", 2), ("identity", 16)):
-        cfg = SplitConfig(compressor=method, bits=min(bits, 8) if method == "rdfsq" else 2)
+        cfg = _cfg(compressor=method, bits=min(bits, 8) if method == "rdfsq" else 2)
         client = cfg.codec("image", cfg.hidden_size).client()
         client.eval()
         rng = np.random.default_rng(0)
@@ -130,8 +137,8 @@ def trained_rdfsq_codes(bits: int = 2, steps: int = 100, batches: int = 8, seed:
     from sim.training.client import client_runtime, encode_steps, load_weights
     from sim.training.reference import run_reference
 
-    cfg = SplitConfig(compressor="rdfsq", bits=bits, num_server_rounds=1, local_steps=steps,
-                      warmup_steps=min(100, steps // 4), seed=seed, num_samples=2000)
+    cfg = _cfg(compressor="rdfsq", bits=bits, num_server_rounds=1, local_steps=steps,
+               warmup_steps=min(100, steps // 4), seed=seed, num_samples=2000)
     res = run_reference(cfg, 1, evaluate_rounds=False)
     rt = client_runtime(cfg, 0, 1)
     load_weights(rt, res.client_weights)

@@ -2,7 +2,8 @@
 
 ``python -m experiments.compressor_table [--quick]`` ::
 
-    1. train the default model briefly (sim.training.reference.run_reference, rdfsq 2 bits, 2 clients)
+    1. train the tiny model from scratch briefly (experiments.common.SCRATCH; sim.training.reference.run_reference,
+       rdfsq 2 bits, 2 clients)
     2. fixed batch: 8 micro-batches of the trained client's features on its test split,
        at the connector (every codec) and after LN1 of ViT block 0 (AlignedVQ's split)
     3. per codec x bits (every codec in the registry that serves the image stream, at its
@@ -56,6 +57,8 @@ from sim.training.server import build_server, initial_client_weights, sync_round
 from sim.training.transport import ensure_task_identity
 from sim.wire.arrays import arrays_to_record, decode_stream, encode_stream, wire_bytes
 from sim.wire.streams import FEATURE_RECORDS, decode_payload_records, micro_batch_shapes, payload_records
+
+from .common import SCRATCH
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,14 +121,15 @@ def variants(quick: bool) -> list[Variant]:
 
 # ----------------------------------------------------------------------------- data
 def train(quick: bool, seed: int) -> tuple[SplitConfig, dict]:
-    """The default model trained briefly with the default compressor (rdfsq, 2 bits)."""
+    """The from-scratch model (:data:`experiments.common.SCRATCH`) trained briefly with the default
+    compressor (rdfsq, 2 bits)."""
     over = dict(num_server_rounds=1, seed=seed)
     if quick:
         over |= dict(local_steps=4, steps_per_exchange=2, warmup_steps=1, batch_size=4, num_samples=160,
                      hidden_size=32, image_size=16, patch_size=4, nf_block=32)
     else:
         over |= dict(local_steps=150, steps_per_exchange=25, warmup_steps=30, num_samples=2000)
-    cfg = SplitConfig(**over)
+    cfg = SplitConfig.from_run_config(SCRATCH).replace(**over)
     t0 = time.perf_counter()
     res = run_reference(cfg, num_partitions=2, evaluate_rounds=False)
     log.info("trained %d steps x 2 clients in %.0f s, last losses %s", cfg.local_steps, time.perf_counter() - t0,
@@ -338,7 +342,7 @@ def text_recovery(quick: bool, seed: int, bits: int = 2) -> list[dict]:
     over |= (dict(local_steps=4, steps_per_exchange=2, warmup_steps=1, batch_size=4, num_samples=160, hidden_size=32,
                   image_size=16, patch_size=4, nf_block=32) if quick else
              dict(local_steps=100, steps_per_exchange=25, warmup_steps=20, num_samples=2000))
-    cfg = SplitConfig(**over)
+    cfg = SplitConfig.from_run_config(SCRATCH).replace(**over)
     res = run_reference(cfg, num_partitions=2, evaluate_rounds=False)
     with torch.no_grad():
         return [_recovery(cfg, label, weights, server, bits) for label, weights, server in
@@ -386,7 +390,7 @@ def markdown(df: pd.DataFrame, ent: pd.DataFrame, cfg: SplitConfig, quick: bool,
         return f"{v:,.{d}f}"
 
     lines = [
-        f"Features: {len(df) and int(df.samples.iloc[0])} test samples of the trained default model "
+        f"Features: {len(df) and int(df.samples.iloc[0])} test samples of the trained from-scratch model "
         f"({cfg.num_image_tokens} tokens x {cfg.hidden_size} dims per sample; fp16 = "
         f"{2 * cfg.num_image_tokens * cfg.hidden_size:,} bytes){' — QUICK run, not the acceptance numbers' if quick else ''}. "
         f"Load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs.",

@@ -56,7 +56,7 @@ from experiments.attack import (
     DecoderBudget, SurrogateBudget, TextInverter, fit_decoder, image_metrics, reconstruct, surrogate_client,
     unit_images, victim_client, wire_features,
 )
-from experiments.common import method_overrides, setup_logging
+from experiments.common import SCRATCH, method_overrides, setup_logging
 from experiments.privacy_capture import capture_eval_uplink, observe, text_recovery
 from sim.compress import get_codec
 from sim.config import SplitConfig
@@ -128,7 +128,7 @@ class Victim:
     text_mode: str = "ids"
 
     def config(self, budget: Budget) -> SplitConfig:
-        over: dict[str, object] = {**budget.train, **method_overrides(self.method, self.bits)}
+        over: dict[str, object] = {**SCRATCH, **budget.train, **method_overrides(self.method, self.bits)}
         over.update({"dataset": self.dataset, "seed": self.seed, "feature-noise": self.sigma,
                      "text-mode": self.text_mode})
         return SplitConfig.from_run_config(over)

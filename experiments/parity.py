@@ -16,7 +16,8 @@ differently, and the runs drift apart from the first client update on.
 
 ``--flower DIR`` and ``--in-process DIR`` reuse finished run directories of the same config
 (otherwise both runs are made under the output folder); ``--quick`` is a smoke run on a
-tiny config.
+tiny config. Every config is the from-scratch regime (:data:`experiments.common.SCRATCH`)
+under the ``-c`` overrides.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from experiments.common import setup_logging
+from experiments.common import SCRATCH, setup_logging
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
@@ -104,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     out = args.out or (ROOT / "runs" / "quick" if args.quick else RESULTS)
     out.mkdir(parents=True, exist_ok=True)
-    overrides = {**(QUICK if args.quick else {}), **parse_overrides(args.config)}
+    asked = {**(QUICK if args.quick else {}), **parse_overrides(args.config)}
+    overrides = {**SCRATCH, **asked}
     cfg = SplitConfig.from_run_config(overrides)
     t0, load0 = time.time(), os.getloadavg()[0]
     flower_dir = args.flower or run_cli(overrides, args.clients, out / "parity-flower-run")
@@ -125,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         "# Parity: the Flower simulation and the in-process reference", "",
         f"`{command}` — {wall:.0f} s on {os.cpu_count()} CPUs, 1-minute load {load0:.2f} at the start. "
         f"Runs: `{flower_dir}` (Flower), `{inproc_dir}` (in process); {args.clients} clients; config overrides: "
-        f"`{' '.join(f'{k}={v}' for k, v in overrides.items()) or 'none (the defaults)'}`.", "",
+        f"`{' '.join(f'{k}={v}' for k, v in asked.items()) or 'none'}` on the from-scratch regime "
+        f"(`{' '.join(f'{k}={v}' for k, v in SCRATCH.items())}`).", "",
         "| run | client torch threads | steps compared | steps with the same loss | largest \\|Δ loss\\| "
         "| first step that differs | accuracy per round |",
         "|---|---|---|---|---|---|---|",

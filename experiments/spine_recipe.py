@@ -1,6 +1,7 @@
 """``python -m experiments.spine_recipe --clients 4 [--set KEY=VALUE ...] [--out CSV]``
 
-Trains one config with the in-process reference trainer (:func:`sim.training.reference.run_reference`:
+Trains one config of the from-scratch regime (:data:`experiments.common.SCRATCH` under the
+``--set`` overrides) with the in-process reference trainer (:func:`sim.training.reference.run_reference`:
 the Flower strategy's exact schedule and step functions, no messaging) and appends its
 per-round exact-match accuracy to a CSV. It is how the spine's learning recipe (learning
 rate, schedule, steps per exchange, ...) was chosen; docs/results-spine.md lists the
@@ -26,7 +27,7 @@ from sim.config import SplitConfig
 from sim.run.cli import parse_overrides
 from sim.training.reference import evaluate_global, run_reference
 
-from .common import add_table_row
+from .common import SCRATCH, add_table_row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,12 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="experiments/results/spine/recipe.csv")
     args = ap.parse_args(argv)
     overrides = parse_overrides(args.set)
-    cfg = SplitConfig.from_run_config(overrides)
+    cfg = SplitConfig.from_run_config({**SCRATCH, **overrides})
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
     res = run_reference(cfg, args.clients)
     wall = time.perf_counter() - t0
-    row = {"overrides": " ".join(args.set) or "(defaults)", "clients": args.clients,
+    row = {"overrides": " ".join(args.set) or "(from-scratch defaults)", "clients": args.clients,
            "final_accuracy": round(res.accuracy[-1], 4), "accuracy_per_round": " ".join(f"{a:.3f}" for a in res.accuracy)}
     row |= {f"acc_{q}": round(c / t, 4) for q, (c, t) in res.eval_counts.items() if q != "all" and t}
     if args.train_samples > 0:

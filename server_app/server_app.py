@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flwr.app import ArrayRecord, Context
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from sim.config import SplitConfig
 from sim.run.results import resolve_run_dir
 from sim.run.server_main import ServerRun
+from sim.wire.arrays import state_record
 from strategies import SplitFedStrategy
 
 # The simulation's grid (``InMemoryGrid``) sleeps ``pull_interval`` (0.1 s by default)
@@ -36,7 +37,7 @@ def run_server(grid: Grid, cfg: SplitConfig, run_dir: Path, resume: bool = False
                                 first_round=run.first_round, resumed_from=run.resumed_from)
     run.attach(strategy.engine)
     with run.table:
-        strategy.start(grid, ArrayRecord.from_torch_state_dict(run.weights), num_rounds=run.cfg.num_server_rounds,
+        strategy.start(grid, state_record(run.weights), num_rounds=run.cfg.num_server_rounds,
                        timeout=run.cfg.exchange_timeout_s)
     return run.finish()
 

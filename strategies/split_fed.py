@@ -23,6 +23,7 @@ from sim.config import SplitConfig
 from sim.training.engine import RoundEngine, RoundReport
 from sim.training.server import ServerRuntime
 from sim.training.transport import FlowerTransport
+from sim.wire.arrays import record_state, state_record
 from sim.wire.ledger import Ledger
 
 log = logging.getLogger(__name__)
@@ -53,19 +54,19 @@ class SplitFedStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Exchange 0 of a round: weights + config down, encode the first chunk."""
         _reject_config("configure_train", config)
-        return self.engine.round_requests(server_round, arrays.to_torch_state_dict())
+        return self.engine.round_requests(server_round, record_state(arrays))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """FedAvg of the final replies' client weights, weighted by local examples."""
         avg, clients = self.engine.fedavg(server_round, replies)
         if avg is None:
             return None, None
-        return ArrayRecord.from_torch_state_dict(avg), MetricRecord({"num-clients": clients})
+        return state_record(avg), MetricRecord({"num-clients": clients})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Split inference on the live clients (``fraction-evaluate`` of them)."""
         _reject_config("configure_evaluate", config)
-        return self.engine.eval_requests(server_round, arrays.to_torch_state_dict())
+        return self.engine.eval_requests(server_round, record_state(arrays))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Exact match of the evaluation replies, overall and per question type."""
@@ -92,8 +93,8 @@ class SplitFedStrategy(Strategy):
         _reject_config("start(evaluate_config=...)", evaluate_config)
         self.summary()
         self._result, self._evaluate_fn = Result(arrays=initial_arrays), evaluate_fn
-        final = self.engine.run(FlowerTransport(grid), initial_arrays.to_torch_state_dict(), num_rounds, timeout)
-        self._result.arrays = ArrayRecord.from_torch_state_dict(final)
+        final = self.engine.run(FlowerTransport(grid), record_state(initial_arrays), num_rounds, timeout)
+        self._result.arrays = state_record(final)
         return self._result
 
     def _round_done(self, report: RoundReport) -> None:
@@ -105,7 +106,7 @@ class SplitFedStrategy(Strategy):
         self._result.evaluate_metrics_clientapp[report.round] = MetricRecord(
             metrics | (dict(evaluated) if evaluated is not None else {}))
         if self._evaluate_fn is not None:
-            metrics = self._evaluate_fn(report.round, ArrayRecord.from_torch_state_dict(self.engine.global_weights))
+            metrics = self._evaluate_fn(report.round, state_record(self.engine.global_weights))
             if metrics is not None:
                 self._result.evaluate_metrics_serverapp[report.round] = metrics
         if self._on_round is not None:

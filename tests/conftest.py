@@ -1,4 +1,7 @@
-"""Shared fixtures: a tiny config that trains in seconds, and one small run of each runtime."""
+"""Shared fixtures: a tiny config that trains in seconds, and one small run of each runtime.
+
+The small configs train tiny models from scratch: they start from :data:`SCRATCH`, not from
+the project's default job (the shipped checkpoint on pathology, ``sim/config/keys.py``)."""
 
 import subprocess
 import sys
@@ -7,14 +10,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from sim.config import SplitConfig
+from sim.config import FROM_SCRATCH, SplitConfig
 
 torch.set_num_threads(1)
+
+# The from-scratch regime: init=scratch, dataset=synthetic, stage=finetune and the old
+# rounds/steps/exchange/warm-up/align-batch/rdfsq-send-range values, under every small config.
+SCRATCH: dict[str, object] = dict(FROM_SCRATCH)
+
+
+def scratch_cfg(**kw) -> SplitConfig:
+    """A from-scratch config (:data:`SCRATCH`) with the snake_case fields ``kw`` changed."""
+    return SplitConfig.from_run_config(SCRATCH).replace(**kw)
 
 
 @pytest.fixture
 def tiny_cfg(tmp_path) -> SplitConfig:
-    return SplitConfig(
+    return scratch_cfg(
         num_server_rounds=1, local_steps=2, steps_per_exchange=1, batch_size=4, num_samples=120,
         hidden_size=32, image_size=16, patch_size=4, out_dir=str(tmp_path), run_name="run",
     )
@@ -31,6 +43,7 @@ def task_identity():
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {
+    **SCRATCH,
     "num-server-rounds": 2, "local-steps": 3, "steps-per-exchange": 2, "batch-size": 4, "num-samples": 160,
     "hidden-size": 32, "image-size": 16, "patch-size": 4,
 }

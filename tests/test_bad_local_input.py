@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import SCRATCH, scratch_cfg
 from loopback import LoopbackGrid
 
 from server_app.server_app import run_server
@@ -45,13 +46,14 @@ def cfg_for(tmp_path: Path, data: Path, **kw) -> SplitConfig:
         patch_size=4, dataset="llava-json", data_path=str(data), out_dir=str(tmp_path), run_name="run",
         expected_clients=2, exchange_timeout_s=5.0,
     )
-    return SplitConfig(**(base | kw))
+    return scratch_cfg(**(base | kw))
 
 
 def test_cli_stops_before_starting_and_names_the_file_and_record(tmp_path):
     data = dataset(tmp_path / "data")
     break_records(data)
     cmd = [sys.executable, "-m", "sim", "run", "--clients", "2", "--out", str(tmp_path / "run"),
+           *[a for k, v in SCRATCH.items() for a in ("-c", f"{k}={v}")],
            "-c", "dataset=llava-json", "-c", f"data-path={data}", "-c", "image-size=16"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
@@ -71,7 +73,7 @@ def test_a_site_with_a_bad_file_fails_with_the_reason_while_the_others_train(tmp
     good, bad = dataset(tmp_path / "site0", seed=1), dataset(tmp_path / "site1", seed=2)
     break_records(bad)
     shared = tmp_path / "tokenizer"  # per-site data needs one tokenizer all sites and the server share
-    get_tokenizer(SplitConfig(dataset="llava-json", data_path=str(good), image_size=16)).save_pretrained(shared)
+    get_tokenizer(scratch_cfg(dataset="llava-json", data_path=str(good), image_size=16)).save_pretrained(shared)
     cfg = cfg_for(tmp_path, "", tokenizer=str(shared)).replace(data_path="")
     nodes = [{"data-path": str(good)}, {"data-path": str(bad)}]
     summary = run_server(LoopbackGrid(2, node_configs=nodes), cfg, tmp_path / "run")
@@ -86,4 +88,4 @@ def test_node_config_is_validated(tmp_path):
     with pytest.raises(ConfigError, match="outside"):
         node_identity({"partition-id": 2, "num-partitions": 2})
     with pytest.raises(ConfigError, match="data-path"):  # empty run data-path needs a shared tokenizer
-        SplitConfig(dataset="llava-json", data_path="")
+        scratch_cfg(dataset="llava-json", data_path="")

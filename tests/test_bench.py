@@ -102,3 +102,95 @@ def test_profile_gives_up_on_a_run_that_does_not_end():
     assert time.perf_counter() - t0 < 90 and rows and all(r["figure"] == "profile" for r in rows)
     failed = [r["setting"] for r in rows if r["setting"].startswith("py-spy failed")]
     assert all("timed out after 3 s" in f for f in failed)  # a partial profile, or the reason it has none
+
+
+# ----------------------------------------------------------------------------- issue 18: real-size and --gpu
+def test_real_size_configs_are_the_real_architectures():
+    """The shapes of experiments/real_size.py give the published parameter counts (built on
+    the meta device: no memory, no weights) and the token counts N of the papers."""
+    import torch
+    from transformers import (
+        AutoModelForCausalLM,
+        LlamaConfig,
+        Qwen2Config,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
+
+    from experiments.real_size import LLMS, TOWERS
+
+    def count(m) -> float:
+        return sum(p.numel() for p in m.parameters()) / 1e6
+
+    with torch.device("meta"):
+        towers = {n: count(SiglipVisionModel(SiglipVisionConfig(**s))) for n, s in TOWERS.items()}
+        llms = {n: count(AutoModelForCausalLM.from_config((LlamaConfig if k == "llama" else Qwen2Config)(**s)))
+                for n, (k, s) in LLMS.items()}
+    assert 86 < towers["siglip-base-patch16-224"] < 94 and 400 < towers["siglip-so400m-patch14-384"] < 430
+    assert 134 < llms["smollm-135m"] < 135 and 494 < llms["qwen2-0.5b"] < 495  # Qwen2-0.5B: 494 M, tied head
+    assert [(s["image_size"] // s["patch_size"]) ** 2 for s in TOWERS.values()] == [196, 729]
+
+
+def test_real_size_quick_runs_every_pair_and_the_bytes_match_the_formula(tmp_path):
+    """``--real-size --quick``: shrunken shapes, the same path (save_pretrained -> vision-tower=<dir>
+    / llm=<dir> -> one split step through the engine); every row's ledger bytes equal the formula."""
+    from experiments.real_size import OPTIONS, QUICK_LLMS, QUICK_TOWERS
+
+    assert bench.main(["--real-size", "--quick", "--out", str(tmp_path)]) == 0
+    df = pd.read_csv(tmp_path / "real_size.csv")
+    base = df[df["option"] == "frozen tower"]
+    assert len(base) == 8 and (base["split"] == "connector").sum() == 4  # 4 pairs x 2 split points
+    assert set(df["option"]) == set(OPTIONS)
+    assert ((df["feature_ratio"] - 1).abs() <= 0.01).all() and ((df["total_ratio"] - 1).abs() <= 0.01).all()
+    for _, r in df.iterrows():
+        t, m = QUICK_TOWERS[r["tower"]], QUICK_LLMS[r["llm"]][1]
+        assert r["N"] == (t["image_size"] // t["patch_size"]) ** 2
+        assert r["D"] == (m["hidden_size"] if r["split"] == "connector" else t["hidden_size"])
+        assert r["split"] == "connector" or r["split"] == f"vit-ln1:{t['num_hidden_layers'] // 2}"
+    small = df[(df["tower"] == "siglip-base-patch16-224") & (df["llm"] == "smollm-135m") & (df["split"] == "connector")]
+    opt = small.set_index("option")
+    full = opt.loc["frozen tower"]
+    assert opt.loc["LoRA r=8", "server_trainable_m"] < full["server_trainable_m"]
+    assert opt.loc["align stage (LLM frozen)", "server_trainable_m"] < opt.loc["LoRA r=8", "server_trainable_m"]
+    assert opt.loc["tower trained", "client_trainable_m"] > full["client_trainable_m"]
+    assert opt.loc["gradient checkpointing", "loss"] == full["loss"]  # recomputing changes nothing
+    md = (tmp_path / "real_size.md").read_text()
+    assert "`python -m experiments.bench --real-size --quick`" in md and md.count("\n| siglip-") == len(df)
+
+
+def test_gpu_benchmark_runs_on_the_cpu(tmp_path, monkeypatch):
+    """``--gpu`` with ``--device cpu``: throughput, memory (n/a), the codecs' share, and P1's
+    configuration (the Ray run itself is the quick benchmark's P1, stubbed here)."""
+    from experiments import bench_gpu, bench_sim
+
+    seen = {}
+
+    def fake_p1(config, clients, repeats, label):
+        seen.update(config=config, clients=clients)
+        return [{"figure": "P1", "setting": label, "repeat": 0, "value": 0.9, "sim_samples_per_s": 9.0,
+                 "ref_samples_per_s": 10.0, "runtime_s_per_exchange": 0.01}]
+
+    monkeypatch.setattr(bench_sim, "p1_protocol_efficiency", fake_p1)
+    df = bench_gpu.run(True, tmp_path, device="cpu", pairs=[("siglip-so400m-patch14-384", "qwen2-0.5b")])
+    thr = df[df["figure"] == "throughput"]
+    assert len(thr) == 2 and (thr["samples_per_s"] > 0).all() and thr["gpu_peak_gb"].isna().all()
+    assert ((thr["codec_share"] > 0) & (thr["codec_share"] < 1)).all() and (thr["codec_calls"] > 0).all()
+    assert seen["config"]["device"] == "cpu" and "client-gpus" not in seen["config"]
+    md = (tmp_path / "gpu_bench.md").read_text()
+    assert md.startswith("# Split steps on cpu") and "| n/a |" in md and "## P1" in md
+
+
+def test_codec_timer_counts_outermost_calls_and_restores_the_classes():
+    import torch
+
+    from experiments.bench_gpu import CodecTimer
+    from sim.compress import get_codec
+
+    codec = get_codec("rdfsq")(16, 2)
+    client, server = codec.client(), codec.server()
+    forward = type(client).forward
+    timer = CodecTimer("cpu")
+    with timer.patched():
+        enc = client(torch.randn(2, 3, 16))
+        server.unpack(client.pack(enc), (2, 3, 16))  # unpack calls decode: one outermost call
+    assert timer.calls == 3 and timer.seconds > 0 and type(client).forward is forward

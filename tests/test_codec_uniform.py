@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sim.compress import Payload, PayloadError, codec_names, make_codec
-from sim.config import SplitConfig
 from sim.training.reference import run_reference
 
+from conftest import scratch_cfg
 from payload_checks import assert_rejects_malformed
 
 DIM = 48
@@ -89,7 +89,7 @@ def test_malformed_payloads_are_rejected():
 
 
 def test_a_run_with_the_uniform_codec(tmp_path):
-    cfg = SplitConfig(compressor="uniform", bits=3, num_server_rounds=1, local_steps=2, steps_per_exchange=1,
+    cfg = scratch_cfg(compressor="uniform", bits=3, num_server_rounds=1, local_steps=2, steps_per_exchange=1,
                       batch_size=4, num_samples=120, hidden_size=32, image_size=16, patch_size=4,
                       entropy_coding="ans", out_dir=str(tmp_path))
     res = run_reference(cfg, 2)

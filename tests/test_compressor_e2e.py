@@ -12,12 +12,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import SCRATCH
 from test_simulation import run_cli
 
 from sim.config import SplitConfig
 from sim.training.reference import run_reference
 
 TINY = {
+    **SCRATCH,
     "num-server-rounds": 1, "local-steps": 2, "steps-per-exchange": 1, "batch-size": 4, "num-samples": 120,
     "hidden-size": 32, "image-size": 16, "patch-size": 4, "nf-block": 32,
 }

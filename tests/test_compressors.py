@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import scratch_cfg
 
 import sim.compress.codecs
 from sim.compress import Payload, PayloadError, codec_names, get_codec, make_codec, register
 from sim.compress.base import straight_through
 from sim.compress.codecs.rdfsq import clip_and_scale, index_to_value, round_to_grid
-from sim.config import SETTINGS, ConfigError, SplitConfig
+from sim.config import SETTINGS, ConfigError
 
 DIM = 32
 SHAPE = (2, 6, DIM)
@@ -22,7 +23,7 @@ SHAPE = (2, 6, DIM)
 def codecs(name, bits=2, **kw):
     """Both halves of the image codec a config names (client first, as the model builds them)."""
     torch.manual_seed(0)
-    spec = SplitConfig(compressor=name, bits=bits, **kw).codec("image", DIM)
+    spec = scratch_cfg(compressor=name, bits=bits, **kw).codec("image", DIM)
     return spec.client(), spec.server()
 
 

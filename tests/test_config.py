@@ -5,10 +5,35 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from conftest import SCRATCH
 
-from sim.config import ConfigError, SplitConfig
+from sim.config import FROM_SCRATCH, ConfigError, SplitConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_default_job_fine_tunes_the_shipped_checkpoint_on_pathology(tmp_path, monkeypatch):
+    from sim.model.pretrained import verify_checkpoint
+
+    monkeypatch.chdir(tmp_path)  # the shipped checkpoint resolves from any working directory
+    cfg = SplitConfig()
+    shipped = ROOT / "checkpoints" / "tiny-vlm"
+    assert cfg.init_dir == shipped.resolve() and shipped.is_dir()
+    assert verify_checkpoint(cfg.init_dir) == []
+    assert (cfg.dataset, cfg.stage) == ("pathology", "both")
+    assert cfg.vision_tower_source == str(shipped / "vision_tower") and cfg.llm_source == str(shipped / "llm")
+    assert cfg.tokenizer_source == str(shipped / "tokenizer")
+    assert not cfg.trains_vision_tower and cfg.rdfsq_send_range  # the pretrained tower stays frozen
+    assert cfg.stage_at(1) == "align" and cfg.stage_at(cfg.num_server_rounds) == "finetune"
+
+
+def test_from_scratch_is_the_former_default_regime():
+    cfg = SplitConfig.from_run_config(FROM_SCRATCH)
+    assert (cfg.init, cfg.init_dir, cfg.dataset, cfg.stage) == ("scratch", None, "synthetic", "finetune")
+    assert (cfg.num_server_rounds, cfg.local_steps, cfg.steps_per_exchange, cfg.warmup_steps) == (10, 200, 20, 100)
+    assert (cfg.align_batch_size, cfg.rdfsq_send_range) == (32, False)
+    assert cfg.vision_tower_source == cfg.llm_source == "tiny" and cfg.tokenizer_source == "auto"
+    assert cfg.trains_vision_tower  # auto: from scratch, the tower trains
 
 
 def test_pyproject_lists_every_key_with_the_dataclass_default():
@@ -21,8 +46,8 @@ def test_strings_from_the_command_line_are_coerced():
     cfg = SplitConfig.from_run_config({"bits": "3", "lr": "1e-3", "checkpoint": "false", "train-vision-tower": True})
     assert (cfg.bits, cfg.lr, cfg.checkpoint, cfg.train_vision_tower) == (3, 1e-3, False, "true")
     assert cfg.trains_vision_tower  # a TOML boolean for a true/false/auto key
-    assert not SplitConfig.from_run_config({"train-vision-tower": "false"}).trains_vision_tower
-    assert SplitConfig().trains_vision_tower  # auto: from scratch, the tower trains
+    assert not SplitConfig.from_run_config({**SCRATCH, "train-vision-tower": "false"}).trains_vision_tower
+    assert SplitConfig.from_run_config(SCRATCH).trains_vision_tower  # auto: from scratch, the tower trains
 
 
 def test_stages_split_the_rounds_and_each_has_its_own_schedule():
@@ -61,7 +86,7 @@ def test_stages_split_the_rounds_and_each_has_its_own_schedule():
 )
 def test_invalid_values_name_the_key(override, words):
     with pytest.raises(ConfigError) as err:
-        SplitConfig.from_run_config(override)
+        SplitConfig.from_run_config({**SCRATCH, **override})
     for w in words:
         assert w in str(err.value)
 

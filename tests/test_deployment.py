@@ -18,11 +18,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import SCRATCH
 
 from sim.run.deploy import LocalDeployment
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {
+    **SCRATCH,
     "num-server-rounds": 1, "local-steps": 2, "steps-per-exchange": 2, "batch-size": 4, "num-samples": 120,
     "hidden-size": 32, "image-size": 16, "patch-size": 4, "seed": 3, "checkpoint": False,
 }

@@ -243,11 +243,11 @@ def test_wrap_rejects_inconsistent_layouts_and_unwrap_bad_streams():
 def real_codes(compressor: str, bits: int) -> tuple[np.ndarray, int]:
     """Codes of real features: the tiny model's connector output on synthetic images."""
     import torch
+    from conftest import scratch_cfg
 
-    from sim.config import SplitConfig
     from sim.training.client import client_batch, client_runtime, micro_batch
 
-    cfg = SplitConfig(compressor=compressor, bits=bits, batch_size=8, num_samples=120, hidden_size=32, image_size=16,
+    cfg = scratch_cfg(compressor=compressor, bits=bits, batch_size=8, num_samples=120, hidden_size=32, image_size=16,
                       patch_size=4, nf_block=32)
     rt = client_runtime(cfg, 0, 1)
     if rt.model.codec.needs_init:

@@ -261,12 +261,14 @@ def test_spine_recipe_records_per_type_and_train_accuracy_and_keeps_old_rows(tmp
 
 
 def test_evaluate_global_scores_training_examples_on_request():
+    from conftest import SCRATCH
+
     from sim.config import SplitConfig
     from sim.training.client import client_runtime
     from sim.training.reference import evaluate_global, run_reference
 
-    cfg = SplitConfig.from_run_config({"num-server-rounds": 1, "local-steps": 1, "steps-per-exchange": 1, "batch-size": 4,
-                                       "num-samples": 120, "hidden-size": 32, "image-size": 16, "vision-layers": 1,
+    cfg = SplitConfig.from_run_config({**SCRATCH, "num-server-rounds": 1, "local-steps": 1, "steps-per-exchange": 1,
+                                       "batch-size": 4, "num-samples": 120, "hidden-size": 32, "image-size": 16, "vision-layers": 1,
                                        "llm-layers": 1, "compressor": "identity"})
     res = run_reference(cfg, 2)
     test_total = sum(len(client_runtime(cfg, p, 2).test_idx) for p in range(2))

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import SCRATCH, scratch_cfg
 from flwr.app import ArrayRecord
 from loopback import LoopbackGrid, request_where
 
@@ -36,7 +37,7 @@ def cfg_for(tmp_path: Path, **kw) -> SplitConfig:
         image_size=16, patch_size=4, out_dir=str(tmp_path), run_name="run", expected_clients=3,
         exchange_timeout_s=0.5,
     )
-    return SplitConfig(**(base | kw))
+    return scratch_cfg(**(base | kw))
 
 
 def run(cfg: SplitConfig, tmp_path: Path, tamper=None) -> tuple[dict, pd.DataFrame, pd.DataFrame, LoopbackGrid]:
@@ -184,7 +185,7 @@ def test_faults_through_the_ray_simulation(tmp_path):
     """``raise`` becomes an error reply, ``delay`` past the timeout a missing one."""
     out = tmp_path / "run"
     overrides = {
-        "num-server-rounds": 2, "local-steps": 2, "steps-per-exchange": 1, "batch-size": 4, "num-samples": 160,
+        **SCRATCH, "num-server-rounds": 2, "local-steps": 2, "steps-per-exchange": 1, "batch-size": 4, "num-samples": 160,
         "hidden-size": 32, "image-size": 16, "patch-size": 4, "exchange-timeout-s": 10,
         "fault-inject": "raise@1:1:1;delay@2:1:1:25",
     }

@@ -7,16 +7,20 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import SCRATCH
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _toml(v) -> str:
+    return ("true" if v else "false") if isinstance(v, bool) else f"'{v}'" if isinstance(v, str) else str(v)
+
+
 @pytest.mark.skipif(shutil.which("flower-superlink") is None, reason="flwr CLI not installed")
 def test_flwr_run_trains_and_writes_the_run_directory(tmp_path):
-    run_config = (
-        f"out-dir='{tmp_path}' run-name='flwr' num-server-rounds=1 local-steps=2 steps-per-exchange=1 "
-        "batch-size=4 num-samples=120 hidden-size=32 image-size=16"
-    )
+    over = {**SCRATCH, "out-dir": str(tmp_path), "run-name": "flwr", "num-server-rounds": 1, "local-steps": 2,
+            "steps-per-exchange": 1, "batch-size": 4, "num-samples": 120, "hidden-size": 32, "image-size": 16}
+    run_config = " ".join(f"{k}={_toml(v)}" for k, v in over.items())
     proc = subprocess.run(
         ["bash", str(ROOT / "scripts" / "flwr_run_local.sh"), "2", run_config],
         cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "STARTUP_TIMEOUT": "120"},

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
+from conftest import scratch_cfg
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sim.config import SplitConfig
 from sim.training.client_handlers import client_evaluate, client_hello, client_train
 from sim.training.node import NodeIdentity
 from sim.training.server import build_server, exchange_schedule, initial_client_weights
@@ -62,7 +62,7 @@ def _plain(content: RecordDict) -> tuple[dict, dict]:
 def _bases() -> list[Base]:
     out = []
     for compressor, bits in COMPRESSORS:
-        cfg = SplitConfig(
+        cfg = scratch_cfg(
             num_server_rounds=1, local_steps=2, steps_per_exchange=2, batch_size=2, num_samples=60, hidden_size=32,
             image_size=16, patch_size=4, compressor=compressor, bits=bits, nf_block=16, checkpoint=False,
         )
@@ -269,3 +269,162 @@ def test_fuzzed_bad_messages_are_all_rejected_and_never_crash(bases):
 def test_every_message_kind_and_compressor_is_covered(bases):
     assert {b.name.split("-")[0] for b in bases} >= {c for c, _ in COMPRESSORS}
     assert {b.kind for b in bases} == {"train", "final", "eval", "hello"}
+
+
+# ----------------------------------------------------------------------------- the downlink
+# The client validates the gradients the server sends (``decode_grad_records``): every
+# registered gradient codec, taken from the registry, at two widths, with every other
+# choice of its options and, when it has integer codes, with each ``grad-entropy-coding``.
+GRAD_MICRO_BATCHES = 2
+
+
+def _grad_variants() -> list[tuple[str, int, str, dict]]:
+    from sim.compress import codec_names, get_codec
+    from sim.settings import codec_settings
+
+    out = []
+    for name in codec_names("gradient"):
+        cls = get_codec(name)
+        lo, hi = cls.bit_range
+        widths = [hi] if cls.bit_unit is None else sorted({lo, min(max(3, lo), hi)})
+        for bits in widths:
+            for ent in ("none", "ans", "zstd") if cls.gradient_integer_codes else ("none",):
+                out.append((name, bits, ent, {}))
+        for field, setting in codec_settings(name, cls.Settings):
+            for choice in setting.allowed() or ():
+                if choice != setting.default:
+                    out.append((name, widths[-1], "none", {setting.attr: choice}))
+    return out
+
+
+@dataclass
+class GradBase:
+    name: str
+    cfg: object
+    arrays: dict[str, np.ndarray]
+    shapes: object
+
+    def content(self) -> RecordDict:
+        return RecordDict({"grads": ArrayRecord({k: Array(np.ascontiguousarray(v.copy())) for k, v in self.arrays.items()})})
+
+
+@pytest.fixture(scope="module")
+def grad_bases() -> list[GradBase]:
+    from sim.compress.streams import Streams
+    from sim.wire.arrays import record_to_arrays
+    from sim.wire.streams import decode_grad_records, micro_batch_shapes
+
+    out = []
+    for name, bits, ent, extra in _grad_variants():
+        cfg = scratch_cfg(batch_size=2, hidden_size=32, image_size=16, patch_size=4, checkpoint=False,
+                          grad_compressor=name, grad_bits=bits, grad_entropy_coding=ent, **extra)
+        shapes = micro_batch_shapes(cfg, None, GRAD_MICRO_BATCHES)
+        gen = torch.Generator().manual_seed(len(out))
+        grads = [Streams(torch.randn(s, generator=gen) * 1e-3) for s in shapes.image]
+        rd = train_request(cfg, 1, 1, list(range(GRAD_MICRO_BATCHES)), [], False, grads=grads)
+        base = GradBase(f"{name}-b{bits}-{ent}{'-' + '-'.join(map(str, extra.values())) if extra else ''}", cfg,
+                        record_to_arrays(rd.array_records["grads"]), shapes)
+        decode_grad_records(base.content(), cfg, shapes)  # the unmodified record is valid
+        out.append(base)
+    return out
+
+
+# mutations that make a record invalid by construction, and ones that may leave it valid
+# (random code bits, large finite values): those must decode to finite gradients or be rejected
+GRAD_INVALID = ["dtype", "truncate", "extend", "oversize", "reshape", "drop-array", "drop-record", "extra-array",
+                "non-finite", "framing"]
+GRAD_MAYBE = ["random-bytes", "huge-finite", "negative"]
+
+
+def mutate_grads(draw, base: GradBase) -> tuple[str, RecordDict]:
+    c = base.content()
+    names = sorted(base.arrays)
+    floats = [n for n in names if base.arrays[n].dtype.kind == "f" and base.arrays[n].size]
+    ops = GRAD_INVALID + GRAD_MAYBE if floats else [o for o in GRAD_INVALID + GRAD_MAYBE
+                                                    if o not in ("non-finite", "huge-finite", "negative")]
+    op = draw(st.sampled_from(ops))
+    name = draw(st.sampled_from(floats if op in ("non-finite", "huge-finite", "negative") else names))
+    a = base.arrays[name].reshape(-1)
+    if op == "dtype":
+        _set(c, "grads", name, a.astype(draw(st.sampled_from([d for d in NUMERIC if d != a.dtype.name]))))
+    elif op == "truncate":
+        if a.size == 0:
+            op = "extend"
+        else:
+            _set(c, "grads", name, a[: a.size - draw(st.integers(1, a.size))])
+    if op == "extend":
+        _set(c, "grads", name, np.concatenate([a, np.zeros(draw(st.integers(1, 64)), a.dtype)]))
+    elif op == "oversize":
+        _set(c, "grads", name, np.zeros(max(1, a.size) * draw(st.integers(10, 40)) + 4096, a.dtype))
+    elif op == "reshape":
+        _set(c, "grads", name, np.stack([a, a]))
+    elif op == "drop-array":
+        del c.array_records["grads"][name]
+    elif op == "drop-record":
+        del c.array_records["grads"]
+    elif op == "extra-array":
+        _set(c, "grads", draw(st.sampled_from(["codes.extra", "side.extra", "extra"])), np.zeros(4, np.uint8))
+    elif op == "non-finite":
+        bad = a.copy()
+        bad[draw(st.integers(0, a.size - 1))] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+        _set(c, "grads", name, bad)
+    elif op == "framing":
+        good = c.array_records["grads"][name]
+        how = draw(st.sampled_from(["shape", "dtype", "cut"]))
+        if how == "shape":
+            bad = Array(dtype=good.dtype, shape=tuple(good.shape) + (1,), stype=good.stype, data=good.data)
+        elif how == "dtype":
+            bad = Array(dtype="float64" if good.dtype != "float64" else "int8", shape=good.shape, stype=good.stype,
+                        data=good.data)
+        else:
+            bad = Array(dtype=good.dtype, shape=good.shape, stype=good.stype, data=good.data[: len(good.data) - 1])
+        op = f"framing-{how}"
+        _set(c, "grads", name, bad)
+    elif op == "random-bytes":  # out-of-range or corrupt codes, positions, histograms, ANS words, bit patterns
+        raw = np.frombuffer(draw(st.binary(min_size=a.nbytes, max_size=a.nbytes)), dtype=np.uint8).copy()
+        _set(c, "grads", name, raw.view(a.dtype) if a.nbytes else a)
+    elif op == "huge-finite":
+        _set(c, "grads", name, np.full_like(a, np.finfo(a.dtype).max * draw(st.sampled_from([1.0, -1.0]))))
+    elif op == "negative":
+        _set(c, "grads", name, -np.abs(a) - 1)
+    return op, c
+
+
+def test_fuzzed_bad_gradient_records_are_all_rejected_and_never_crash(grad_bases):
+    from sim.wire.streams import decode_grad_records
+
+    outcomes: dict[str, int] = {}
+    accepted: list[str] = []
+
+    @settings(max_examples=400, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+    @given(data=st.data())
+    def check(data):
+        base = data.draw(st.sampled_from(grad_bases))
+        op, content = mutate_grads(data.draw, base)
+        try:
+            out = decode_grad_records(content, base.cfg, base.shapes)
+        except WireError:
+            outcomes[op] = outcomes.get(op, 0) + 1
+            return
+        # a crash (any other exception) propagates and fails the test
+        if op not in GRAD_MAYBE:
+            accepted.append(f"{base.name}: {op}")
+        else:
+            assert len(out) == GRAD_MICRO_BATCHES and all(torch.isfinite(o.image).all() for o in out), (base.name, op)
+            assert [tuple(o.image.shape) for o in out] == list(base.shapes.image)
+            outcomes[f"{op} (valid)"] = outcomes.get(f"{op} (valid)", 0) + 1
+
+    check()
+    print("gradient records:", sorted(outcomes.items()))
+    assert not accepted, f"bad gradient records accepted: {accepted}"
+    assert sum(v for k, v in outcomes.items() if "valid" not in k) >= MIN_MESSAGES, outcomes
+    assert len(outcomes) >= 12, outcomes
+
+
+def test_every_gradient_codec_is_fuzzed(grad_bases):
+    from sim.compress import codec_names, get_codec
+
+    assert {b.cfg.grad_compressor for b in grad_bases} == set(codec_names("gradient"))
+    ent = {b.cfg.grad_compressor for b in grad_bases if b.cfg.grad_entropy_coding == "ans"}
+    assert ent == {n for n in codec_names("gradient") if get_codec(n).gradient_integer_codes}

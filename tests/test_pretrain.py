@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SCRATCH, scratch_cfg
 from safetensors.torch import load_file
 
 from sim.config import ConfigError, SplitConfig
@@ -40,10 +41,12 @@ def quick_ckpt(tmp_path_factory) -> Path:
 
 
 def finetune_cfg(ckpt: Path, tmp_path: Path, **kw) -> SplitConfig:
+    """A small job from ``ckpt``: the from-scratch regime's other values (synthetic data, the
+    finetune stage unless ``kw`` says otherwise), not the default job's."""
     base = dict(init=str(ckpt), num_server_rounds=1, local_steps=2, steps_per_exchange=1, batch_size=4,
                 align_batch_size=4, num_samples=120, image_size=QUICK.image_size, out_dir=str(tmp_path),
                 run_name="run", checkpoint=False)
-    return SplitConfig(**{**base, **kw})
+    return scratch_cfg(**{**base, **kw})
 
 
 def test_quick_pretraining_writes_a_loadable_checkpoint(quick_ckpt):
@@ -181,8 +184,8 @@ def test_foundation_experiment_pairs_split_and_centralised_runs(quick_ckpt, tmp_
     the centralised run trained on exactly the split run's micro-batches."""
     from experiments import foundation
 
-    overrides = {"init": str(quick_ckpt), "image-size": QUICK.image_size, "dataset": "pathology", "num-samples": 160,
-                 "num-server-rounds": 2, "local-steps": 2, "stage": "both", "align-rounds": 1, "batch-size": 4,
+    overrides = {**SCRATCH, "init": str(quick_ckpt), "image-size": QUICK.image_size, "dataset": "pathology",
+                 "num-samples": 160, "num-server-rounds": 2, "local-steps": 2, "stage": "both", "align-rounds": 1, "batch-size": 4,
                  "align-batch-size": 4}
     args = ["--seeds", "0", "1", "--clients", "2", "--out", str(tmp_path)]
     assert foundation.main(args + [a for k, v in overrides.items() for a in ("-c", f"{k}={v}")]) == 0

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import SCRATCH, scratch_cfg
 
 from experiments.attack import DecoderBudget, fit_decoder, image_metrics, reconstruct
 from experiments.privacy_capture import capture_eval_uplink, observe, text_recovery
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def faces_cfg(tmp_path) -> SplitConfig:
-    return SplitConfig(
+    return scratch_cfg(
         dataset="faces", num_samples=80, hidden_size=32, image_size=16, patch_size=4, batch_size=4,
         compressor="rdfsq", bits=2, test_fraction=0.25, out_dir=str(tmp_path), run_name="run",
     )
@@ -163,7 +164,7 @@ def test_decoder_inverts_a_linear_patch_encoding_and_is_deterministic():
 # ----------------------------------------------------------------------------- case studies as run values
 @pytest.mark.parametrize("name", ["pathology", "retina", "faces"])
 def test_case_studies_are_dataset_values_loading_the_private_pool(name):
-    cfg = SplitConfig(dataset=name, num_samples=40, image_size=16, hidden_size=32)
+    cfg = scratch_cfg(dataset=name, num_samples=40, image_size=16, hidden_size=32)
     exs = load_examples(cfg.dataset, cfg.data_path, cfg.image_size, cfg.num_samples, cfg.seed)
     from sim.data.casestudy import CASE_STUDY_DATASETS, CASE_STUDY_VOCABULARIES
 
@@ -172,7 +173,7 @@ def test_case_studies_are_dataset_values_loading_the_private_pool(name):
     vocab = get_tokenizer(cfg).get_vocab()
     assert set(CASE_STUDY_VOCABULARIES[name]()) <= set(vocab)
     with pytest.raises(ConfigError, match="image-size"):
-        SplitConfig(dataset=name, image_size=8, patch_size=4)
+        scratch_cfg(dataset=name, image_size=8, patch_size=4)
 
 
 def test_faces_run_never_sees_a_public_source():
@@ -215,7 +216,7 @@ def test_capture_matches_the_ledger_of_a_real_flower_run(tmp_path):
     """The replayed evaluate reply has the byte counts the strategy's ledger records for
     partition 0 in a real Ray simulation of the same config (sizes do not depend on the
     weights for these codecs; the Message metadata may differ by a few bytes of ids)."""
-    over = {"dataset": "faces", "num-samples": 80, "hidden-size": 32, "image-size": 16, "patch-size": 4,
+    over = {**SCRATCH, "dataset": "faces", "num-samples": 80, "hidden-size": 32, "image-size": 16, "patch-size": 4,
             "batch-size": 4, "test-fraction": 0.25, "num-server-rounds": 1, "local-steps": 2,
             "steps-per-exchange": 1, "compressor": "rdfsq", "bits": 2}
     cmd = [sys.executable, "-m", "sim", "run", "--clients", "2", "--out", str(tmp_path / "run")]

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import SCRATCH
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from sim.config import SplitConfig
@@ -31,7 +32,8 @@ def _save_tower(path, size: int = 32, processor: bool = True, mean=MEAN, std=STD
 
 
 def _cfg(vision_tower: str, image_size: int = 32) -> SplitConfig:
-    return SplitConfig.from_run_config({"vision-tower": vision_tower, "image-size": image_size, "llm": "tiny"})
+    return SplitConfig.from_run_config({**SCRATCH, "vision-tower": vision_tower, "image-size": image_size,
+                                        "llm": "tiny"})
 
 
 def test_tiny_default_equals_old_formula():

@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import SCRATCH, scratch_cfg
 from loopback import LoopbackGrid, request_where
 
 from server_app.server_app import run_server
@@ -25,7 +26,7 @@ from sim.config import ConfigError, SplitConfig
 from sim.run.checkpoint import CHECKPOINT, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMING = ["wall_s", "train_s", "runtime_s", "client_compute_s"]  # wall-clock columns differ run to run
+TIMING = ["wall_s", "train_s", "runtime_s", "client_compute_s", "compute_s"]  # wall-clock columns differ run to run
 
 
 class Crash(BaseException):
@@ -38,7 +39,7 @@ def small_cfg(out: Path, name: str, **kw) -> SplitConfig:
         image_size=16, patch_size=4, warmup_steps=2, out_dir=str(out), run_name=name, expected_clients=3,
         exchange_timeout_s=5.0,
     )
-    return SplitConfig(**(base | kw))
+    return scratch_cfg(**(base | kw))
 
 
 def crash_at_round(rnd: int):
@@ -76,7 +77,7 @@ def assert_same_run(a: Path, b: Path, resumed_after: int, wire_slack: int = 0) -
     m_b.loc[row, "downlink_bytes"] -= hello_bytes["down"]
     for col in ("uplink_bytes", "downlink_bytes"):
         assert ((m_a[col] - m_b[col]).abs() <= wire_slack * len(led_a)).all(), col
-    wire = ["sim_network_s", "uplink_bytes", "downlink_bytes"]  # sim_network_s includes the hello exchange
+    wire = ["sim_network_s", "sim_uplink_s", "sim_downlink_s", "uplink_bytes", "downlink_bytes"]  # the hello exchange
     pd.testing.assert_frame_equal(m_a.drop(columns=wire), m_b.drop(columns=wire))
     s_a, s_b = (json.loads((d / "summary.json").read_text()) for d in (a, b))
     for key in ("accuracy", "best_accuracy", "rounds", "samples_seen", "uplink_payload_bytes_per_sample"):
@@ -99,6 +100,19 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert len(pd.read_csv(resumed / "metrics.csv")) == 1
     summary = run_server(LoopbackGrid(3), cfg, resumed, resume=True)
     assert summary["resumed_from"] == 1
+    assert_same_run(straight, resumed, resumed_after=1)
+
+
+def test_resumed_run_with_error_feedback_equals_uninterrupted_run(tmp_path):
+    """grad-error-feedback keeps residuals on the server, and every round starts without
+    them, so the checkpoint needs none: a resumed run still ends like an uninterrupted one."""
+    kw = dict(grad_compressor="stochastic", grad_bits=2, grad_error_feedback=True, local_steps=4)
+    straight, resumed = tmp_path / "run-a", tmp_path / "run-b"
+    run_server(LoopbackGrid(3), small_cfg(tmp_path, "run-a", **kw), straight)
+    cfg = small_cfg(tmp_path, "run-b", **kw)
+    with pytest.raises(Crash):
+        run_server(LoopbackGrid(3, tamper=crash_at_round(2)), cfg, resumed)
+    run_server(LoopbackGrid(3), cfg, resumed, resume=True)
     assert_same_run(straight, resumed, resumed_after=1)
 
 
@@ -129,6 +143,7 @@ def test_resume_refuses_a_changed_config_and_a_missing_checkpoint(tmp_path):
 
 # ----------------------------------------------------------------------------- the real kill
 SMALL = {
+    **SCRATCH,
     "num-server-rounds": 3, "local-steps": 3, "steps-per-exchange": 2, "batch-size": 4, "num-samples": 160,
     "hidden-size": 32, "image-size": 16, "patch-size": 4, "warmup-steps": 2,
 }

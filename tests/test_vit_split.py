@@ -3,6 +3,7 @@
 
 import pytest
 import torch
+from conftest import scratch_cfg
 from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
 from sim.config import ConfigError, SplitConfig, active_streams
@@ -84,12 +85,12 @@ def test_split_model_halves_match_the_unsplit_tower(tiny_cfg, mode):
 
 def test_split_point_config_errors():
     with pytest.raises(ConfigError, match="split-point"):
-        SplitConfig(split_point="vit-ln2:0")
+        scratch_cfg(split_point="vit-ln2:0")
     with pytest.raises(ConfigError, match="vision-layers"):
-        SplitConfig(split_point="vit-ln1:5", vision_layers=2)
+        scratch_cfg(split_point="vit-ln1:5", vision_layers=2)
     with pytest.raises(ConfigError, match="residual stream"):
-        SplitConfig(split_point="vit-ln1:0", residual_mode="transmit", hidden_size=32)  # nf-block 64 > 32
-    assert SplitConfig(split_point="vit-ln1:1").split_block == 1 and SplitConfig().split_block is None
+        scratch_cfg(split_point="vit-ln1:0", residual_mode="transmit", hidden_size=32)  # nf-block 64 > 32
+    assert scratch_cfg(split_point="vit-ln1:1").split_block == 1 and SplitConfig().split_block is None
 
 
 def test_lora_trains_only_adapters_and_starts_as_the_base_model(tiny_cfg):

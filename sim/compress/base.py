@@ -29,6 +29,7 @@ The client half is an ``nn.Module`` whose weights are FedAvg'd with the client m
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -134,6 +135,12 @@ class Codec:
     sweep: ClassVar[dict[str, Any]] = {}
     Client: ClassVar[type[ClientCodec] | None] = None
     Server: ClassVar[type[ServerCodec] | None] = None
+    # The gradient stream: whether its payload's ``codes.index`` holds integer codes that
+    # ``grad-entropy-coding`` can compress (then :meth:`gradient_index_layout` says how many),
+    # and whether its decode is an unbiased estimate of its input (stochastic rounding): its
+    # error is then bounded in variance, not by the input's norm.
+    gradient_integer_codes: ClassVar[bool] = False
+    unbiased: ClassVar[bool] = False
 
     def __init__(self, dim: int, bits: int, settings: Any = None, seed: int = 0) -> None:
         lo, hi = self.bit_range
@@ -192,6 +199,11 @@ class Codec:
     def gradient_layout(self, shape: tuple[int, ...]) -> Layout:  # pragma: no cover - interface
         """The arrays :meth:`encode_gradient` produces for a gradient of ``shape``."""
         raise NotImplementedError
+
+    def gradient_index_layout(self, shape: tuple[int, ...]) -> IndexLayout | None:
+        """Layout of the gradient payload's ``codes.index`` (``gradient_integer_codes``
+        codecs); None otherwise."""
+        return None
 
 
 class ClientCodec(nn.Module):
@@ -340,6 +352,15 @@ def require_array(arrays: dict[str, np.ndarray], name: str, dtype: np.dtype, siz
 def require_finite(name: str, a: np.ndarray) -> None:
     if not np.isfinite(a).all():
         raise PayloadError(f"payload array '{name}' contains NaN or inf")
+
+
+def content_seed(seed: int, t: torch.Tensor) -> int:
+    """A 63-bit generator seed from ``seed`` and the exact bytes of ``t``: an encoder that
+    draws random numbers from it is deterministic given the config's seed and its input,
+    and draws afresh for every other input (BLAKE2b, ``hashlib``)."""
+    data = t.detach().float().contiguous().cpu().numpy().tobytes()
+    digest = hashlib.blake2b(data, digest_size=8, key=int(seed).to_bytes(8, "little", signed=False)).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def numel(shape: tuple[int, ...]) -> int:

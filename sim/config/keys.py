@@ -20,6 +20,8 @@ TINY = "tiny"
 SCRATCH = "scratch"  # init=scratch: random initialisation (the from-scratch regime)
 STAGES = ("align", "finetune", "both")
 SPLIT_POINT = re.compile(r"vit-ln1:(0|[1-9][0-9]{0,3})")  # vit-ln1:k = after LayerNorm 1 of vision block k
+DEVICE = re.compile(r"auto|cpu|cuda(:(0|[1-9][0-9]{0,2}))?|mps")  # the device keys' syntax (sim/model/device.py)
+PRECISIONS = ("fp32", "bf16", "fp16")
 IMAGE_POSITIONS = ("first", "after-question", "before-last-token")
 DATASETS = ("synthetic", "llava-json", "pathology", "retina", "faces")
 CASE_STUDIES = ("pathology", "retina", "faces")
@@ -28,6 +30,16 @@ CASE_STUDIES = ("pathology", "retina", "faces")
 def _split_point(value: str) -> None:
     if value != "connector" and not SPLIT_POINT.fullmatch(value):
         raise ValueError(f"{value!r} is not 'connector' or 'vit-ln1:K' (after LayerNorm 1 of vision block K, e.g. vit-ln1:0)")
+
+
+def _device(value: str) -> None:
+    if not DEVICE.fullmatch(value):
+        raise ValueError(f"{value!r} is not auto, cpu, cuda, cuda:N or mps")
+
+
+def _server_device(value: str) -> None:
+    if value != "same":
+        _device(value)
 
 
 def _fault_spec(value: str) -> None:
@@ -62,22 +74,52 @@ def _run_name(value: str) -> None:
         raise ValueError(f"{value!r} must be a plain name or '.'")
 
 
+# --- the default job ----------------------------------------------------------------------
+# With no overrides a run is split fine-tuning of the shipped pretrained tiny VLM on the
+# pathology case study, TinyLLaVA's two stages (README, docs/foundation.md). Its budget is
+# here, in one place, to be retuned after measurement; the keys below take their defaults
+# from it, and tests read "the default" from the declarations, never these numbers.
+DEFAULT_INIT = "checkpoints/tiny-vlm"  # relative: resolved by resolve_init_dir, from any working directory
+DEFAULT_DATASET = "pathology"
+DEFAULT_STAGE = "both"
+DEFAULT_BUDGET: dict[str, int] = {
+    "num-server-rounds": 8,
+    "align-rounds": 1,  # of the 8: one align round, then fine-tuning
+    "local-steps": 60,
+    "steps-per-exchange": 30,
+    "warmup-steps": 10,
+    "align-batch-size": 8,
+}
+
+# The from-scratch regime: the values the default job changed (random initialisation,
+# synthetic data, the finetune stage and the old budget; RD-FSQ's `rdfsq-send-range`, a
+# codec key, is on by default now). The committed from-scratch results (experiments/results/,
+# docs/results-spine.md) and the tests that train tiny models from scratch run on these:
+# `SplitConfig.from_run_config({**FROM_SCRATCH, ...})`. Fixed, so those results stay reproducible.
+FROM_SCRATCH: dict[str, object] = {
+    "init": SCRATCH, "dataset": "synthetic", "stage": "finetune",
+    "num-server-rounds": 10, "local-steps": 200, "steps-per-exchange": 20, "warmup-steps": 100,
+    "align-batch-size": 32, "rdfsq-send-range": False,
+}
+
 S = Setting
 CORE: tuple[Setting, ...] = (
     # --- federation and optimisation ---------------------------------------------------------
-    S("num-server-rounds", 10, "federated rounds", lo=1, hi=100_000),
+    S("num-server-rounds", DEFAULT_BUDGET["num-server-rounds"], "federated rounds", lo=1, hi=100_000),
     S("fraction-train", 1.0, "fraction of clients sampled per round (seeded)", lo=0.0, hi=1.0, lo_open=True),
     S("fraction-evaluate", 1.0, "fraction of clients that run split inference each round (seeded; all at 1.0)",
       lo=0.0, hi=1.0, lo_open=True),
     S("min-train-clients", 1, "a round with fewer live clients is skipped", lo=1, hi=1_000_000),
-    S("local-steps", 200, "micro-batches per client per round", lo=1, hi=1_000_000),
-    S("steps-per-exchange", 20, "micro-batches per message exchange (see staleness in docs/protocol.md)", lo=1, hi=4096),
+    S("local-steps", DEFAULT_BUDGET["local-steps"], "micro-batches per client per round", lo=1, hi=1_000_000),
+    S("steps-per-exchange", DEFAULT_BUDGET["steps-per-exchange"], "micro-batches per message exchange (see staleness "
+      "in docs/protocol.md)", lo=1, hi=4096),
     S("batch-size", 8, "micro-batch size per client", lo=1, hi=65_536),
     S("lr", 5e-4, "AdamW peak learning rate on both sides (1e-3 made RD-FSQ at 2 bits unstable, docs/results-spine.md)",
       lo=0.0, hi=10.0, lo_open=True),
     S("lr-schedule", "cosine", "per-step rate: linear warm-up over `warmup-steps`, then cosine decay to "
       "`min-lr-ratio`·`lr` at the last step (`constant`: always `lr`)", choices=("cosine", "constant")),
-    S("warmup-steps", 100, "linear warm-up steps of the cosine schedule", lo=0, hi=10_000_000),
+    S("warmup-steps", DEFAULT_BUDGET["warmup-steps"], "linear warm-up steps of the cosine schedule", lo=0,
+      hi=10_000_000),
     S("min-lr-ratio", 0.1, "the cosine schedule's final rate as a fraction of `lr`", lo=0.0, hi=1.0),
     S("weight-decay", 0.0, "AdamW weight decay on both sides", lo=0.0, hi=10.0),
     S("adam-beta2", 0.999, "AdamW's beta2 on both sides (0.95 with grad-clip 1.0 did not make higher rates work, "
@@ -111,6 +153,11 @@ CORE: tuple[Setting, ...] = (
     S("grad-compressor", "none", "codec of the downlink gradients (a codec serving the gradient stream; `none`: fp32)",
       choices=lambda: codec_names("gradient"), allowed_text="a codec serving `gradient`"),
     S("grad-bits", 4, "bits of the downlink gradient codec (its range)"),
+    S("grad-entropy-coding", "none", "`ans` (constriction ANS, one histogram per message) or `zstd` on the downlink "
+      "gradient codec's integer codes (`stochastic`, `nf`); bytes counted as sent", choices=("none", "ans", "zstd")),
+    S("grad-error-feedback", False, "error feedback on the downlink: the server keeps each client's compression "
+      "residual and adds it to the next exchange's gradients before compressing them (the residual of one sample "
+      "goes to another's gradient; docs/compressors.md)"),
     S("text-mode", "ids", "`ids`: text goes up as token ids (the server sees questions and answers); `quantized`: the "
       "client embeds the text with a frozen copy of the LLM's embedding table and sends it through a separate "
       "quantiser, only the answers go up as ids (labels); docs/compressors.md says what each reveals",
@@ -124,7 +171,7 @@ CORE: tuple[Setting, ...] = (
       "`before-last-token` (the same, but the question's last token follows the image and reads the answer out) or "
       "`first` (LLaVA order)", choices=IMAGE_POSITIONS),
     # --- data ------------------------------------------------------------------------------
-    S("dataset", "synthetic", "`synthetic` (procedural VQA), `llava-json`, or a privacy case study built offline from "
+    S("dataset", DEFAULT_DATASET, "`synthetic` (procedural VQA), `llava-json`, or a privacy case study built offline from "
       "scikit-image images: `pathology`, `retina`, `faces`; docs/privacy.md", choices=DATASETS),
     S("data-path", "", "LLaVA-format JSON file (required for `llava-json`; or empty, with each SuperNode's own file in "
       "`--node-config data-path=...` and a shared `tokenizer` directory, docs/deployment.md)"),
@@ -144,17 +191,18 @@ CORE: tuple[Setting, ...] = (
     S("vision-layers", 2, "tiny vision tower blocks", lo=1, hi=128),
     S("llm-layers", 2, "tiny LLM layers", lo=1, hi=128),
     S("patch-size", 4, "tiny vision tower patch side (32x32 images, patch 4: 64 image tokens)", lo=1, hi=4096),
-    S("init", SCRATCH, "`scratch` (random initialisation) or a pretrained checkpoint directory made by `python -m "
-      "sim pretrain` (relative paths: to the working directory, else to the project; its `vision_tower/`, `llm/`, "
-      "`tokenizer/` and connector replace `tiny`/`auto`; docs/foundation.md)", check=_init_ref),
-    S("stage", "finetune", "what trains (TinyLLaVA's two stages): `align` (connector + compressor, the LLM frozen; "
+    S("init", DEFAULT_INIT, "`scratch` (random initialisation) or a pretrained checkpoint directory made by `python -m "
+      "sim pretrain`, by default the shipped one (relative paths: to the working directory, else to the project; "
+      "its `vision_tower/`, `llm/`, `tokenizer/` and connector replace `tiny`/`auto`; docs/foundation.md)",
+      check=_init_ref),
+    S("stage", DEFAULT_STAGE, "what trains (TinyLLaVA's two stages): `align` (connector + compressor, the LLM frozen; "
       "`align-lr`, `align-batch-size`), `finetune` (the LLM too, full or LoRA; `lr`, `batch-size`) or `both` "
       "(`align-rounds` rounds of `align`, then `finetune`)", choices=STAGES),
-    S("align-rounds", 1, "rounds of the align stage when `stage=both`", lo=1, hi=100_000),
+    S("align-rounds", DEFAULT_BUDGET["align-rounds"], "rounds of the align stage when `stage=both`", lo=1, hi=100_000),
     S("align-lr", 5e-4, "peak learning rate of the align stage (Quantized-TinyLLaVA: 5e-4)", lo=0.0, hi=10.0,
       lo_open=True),
-    S("align-batch-size", 32, "micro-batch size per client in the align stage (Quantized-TinyLLaVA: 32)", lo=1,
-      hi=65_536),
+    S("align-batch-size", DEFAULT_BUDGET["align-batch-size"], "micro-batch size per client in the align stage "
+      "(Quantized-TinyLLaVA uses 32)", lo=1, hi=65_536),
     S("train-vision-tower", "auto", "train the vision tower on the clients: `auto` = only from scratch (a pretrained "
       "tower stays frozen, as in the papers)", choices=("auto", "true", "false")),
     S("llm-lora-rank", 0, "LoRA adapters (`peft`, every linear layer but the head) on the LLM; 0 = full fine-tuning",
@@ -162,8 +210,11 @@ CORE: tuple[Setting, ...] = (
     S("llm-lora-alpha", 16.0, "LoRA alpha", lo=0.0, hi=1e6, lo_open=True),
     S("max-answer-tokens", 4, "generation length at evaluation", lo=1, hi=512),
     # --- network model and output ------------------------------------------------------------
-    S("bandwidth-mbps", 10.0, "network model: each client costs `rtt + bytes·8/bandwidth` per exchange; parallel "
-      "clients take the max", lo=0.0, hi=1e6, lo_open=True),
+    S("bandwidth-mbps", 10.0, "network model: each client costs `rtt + down·8/downlink + up·8/uplink` per exchange "
+      "(parallel clients take the max); the bandwidth of both directions unless `uplink-mbps` / `downlink-mbps` "
+      "set one (docs/protocol.md)", lo=0.0, hi=1e6, lo_open=True),
+    S("uplink-mbps", 0.0, "network model: client -> server bandwidth (0 = `bandwidth-mbps`)", lo=0.0, hi=1e6),
+    S("downlink-mbps", 0.0, "network model: server -> client bandwidth (0 = `bandwidth-mbps`)", lo=0.0, hi=1e6),
     S("rtt-ms", 20.0, "network model round-trip time per exchange", lo=0.0, hi=1e6),
     S("out-dir", "runs", "results go to `out-dir/run-name`", check=_not_empty),
     S("run-name", "", "the run directory's name (empty: `<time>-<compressor>-b<bits>`)", check=_run_name),
@@ -171,4 +222,19 @@ CORE: tuple[Setting, ...] = (
     S("client-cpus", 1.0, "Ray CPUs per simulated client: with `C` cores, `C / client-cpus` clients compute at once, "
       "each with `floor(client-cpus)` torch threads (docs/reliability.md)", lo=0.0, hi=1024.0, lo_open=True),
     S("eval-batch-size", 64, "server batch for split inference", lo=1, hi=65_536),
+    # --- device and precision (sim/model/device.py; docs/performance.md, GPU machines) ----------------
+    S("device", "auto", "where the clients' half computes (models, batches, codec buffers): `auto` (CUDA when the "
+      "process sees a GPU, else the CPU), `cpu`, `cuda`, `cuda:N` or `mps`; the server's too unless `server-device` "
+      "is set", check=_device, allowed_text="`auto`, `cpu`, `cuda`, `cuda:N`, `mps`"),
+    S("server-device", "same", "where the server's half (codec server halves, vision tail, LLM) computes: `same` (= "
+      "`device`) or a device as for `device`", check=_server_device, allowed_text="`same`, or as `device`"),
+    S("client-gpus", 0.0, "Ray GPUs per simulated client (fractions share a GPU); with 0 Ray hides the GPUs from the "
+      "ClientApps, so their `device=auto` is the CPU", lo=0.0, hi=64.0),
+    S("precision", "fp32", "compute precision of the towers and the LLM: `fp32`, or `bf16`/`fp16` autocast with fp32 "
+      "master weights (`fp16` needs an accelerator and scales its losses; codecs and the wire stay fp32)",
+      choices=PRECISIONS),
+    S("gradient-checkpointing", False, "recompute each tower and LLM block in the backward pass instead of keeping "
+      "its activations (transformers' activation checkpointing): less memory, ~1/3 more compute"),
+    S("cuda-deterministic", True, "on CUDA: deterministic algorithms, `CUBLAS_WORKSPACE_CONFIG=:4096:8`, no cuDNN "
+      "autotuning, so a seeded run repeats (docs/performance.md); no effect on the CPU"),
 )

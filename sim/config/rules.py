@@ -72,6 +72,12 @@ def _entropy_coding(c: SplitConfig) -> None:
                           f"compressor is {c.compressor!r}.")
 
 
+def _grad_entropy_coding(c: SplitConfig) -> None:
+    if c.grad_entropy_coding != "none" and not get_codec(c.grad_compressor).gradient_integer_codes:
+        raise ConfigError(f"Config key 'grad-entropy-coding' ({c.grad_entropy_coding}) needs a gradient codec with "
+                          f"integer codes; grad-compressor is {c.grad_compressor!r}.")
+
+
 def _dataset(c: SplitConfig) -> None:
     if c.dataset in CASE_STUDIES:
         check_range("image-size", c.image_size, *CASE_STUDY_IMAGE_SIZES)
@@ -129,4 +135,15 @@ def _models(c: SplitConfig) -> None:
         raise ConfigError(f"Config key 'patch-size' ({c.patch_size}) must divide 'image-size' ({c.image_size}).")
 
 
-RULES = (_init, _stages, _split_block_exists, _stream_codecs, _entropy_coding, _dataset, _models)
+def _precision(c: SplitConfig) -> None:
+    """fp16 autocast needs an accelerator (``auto`` is resolved, and checked, where the models are built)."""
+    if c.precision != "fp16":
+        return
+    for key, value in (("device", c.device), ("server-device", c.server_device)):
+        if value == "cpu":
+            raise ConfigError(f"Config key 'precision' is fp16 but '{key}' is cpu; use bf16 (CPU autocast) or fp32 "
+                              "there, or a CUDA device.")
+
+
+RULES = (_init, _stages, _split_block_exists, _stream_codecs, _entropy_coding, _grad_entropy_coding, _dataset, _models,
+         _precision)

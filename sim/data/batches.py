@@ -67,6 +67,12 @@ class TextBatch:
     lens: torch.Tensor  # (B,) int64
     loss_mask: torch.Tensor  # (B,T) bool
 
+    def to(self, device: torch.device) -> TextBatch:
+        """The batch on ``device`` (itself when it is there already)."""
+        if self.ids.device == torch.device(device):
+            return self
+        return TextBatch(self.ids.to(device), self.lens.to(device), self.loss_mask.to(device))
+
 
 def tokenise(examples: list[VQAExample], tok: PreTrainedTokenizerBase) -> TokenisedExamples:
     """Tokenise every turn; the answer of each gpt turn is followed by eos.

@@ -34,6 +34,7 @@ from sim.compress.streams import Streams
 from sim.config import SplitConfig, active_streams
 from sim.data.tokenizer import get_tokenizer
 
+from .device import autocast, enable_checkpointing, full_precision, module_device
 from .feature_noise import add_feature_noise
 from .pretrained import load_connector
 from .towers import (
@@ -58,14 +59,19 @@ class ClientModel(nn.Module):
     Streams (:func:`sim.config.active_streams`): ``codec`` encodes the image features at
     the split point, ``residual_codec`` the residual stream at ``vit-ln1:k`` (transmit
     mode), ``text_codec`` the text-token embeddings looked up in ``text_embed``, a frozen
-    copy of the LLM's input embedding table (``text-mode=quantized``)."""
+    copy of the LLM's input embedding table (``text-mode=quantized``).
+
+    ``precision`` (``bf16``/``fp16``) runs the tower and the connector under autocast
+    (:func:`sim.model.device.autocast`); the features leave them as fp32, so the codecs and
+    the wire never see the low precision."""
 
     def __init__(
         self, tower: PreTrainedModel, llm_dim: int, codecs: Streams[ClientCodec], train_tower: bool,
         feature_noise: float = 0.0, noise_seed: int = 0, *, split_block: int | None = None,
-        text_embed: nn.Embedding | None = None,
+        text_embed: nn.Embedding | None = None, precision: str = "fp32",
     ) -> None:
         super().__init__()
+        self.precision = precision
         self.feature_noise, self.noise_seed = feature_noise, noise_seed  # privacy defence, 0 = off
         self.split_block = split_block
         if split_block is None:
@@ -81,13 +87,19 @@ class ClientModel(nn.Module):
         """The codec client half of every active stream."""
         return Streams(self.codec, self.residual_codec, self.text_codec)
 
+    @property
+    def device(self) -> torch.device:
+        return module_device(self)
+
     def split_features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B,3,H,W) -> image features at the split point (B,N,D) and, at ``vit-ln1:k``, the
-        residual stream (B,N,Dv) (None after the connector)."""
-        if self.split_block is None:
-            return self.connector(patch_tokens(self.tower, pixels)), None
-        x, h = self.tower(pixels)
-        return h, x
+        residual stream (B,N,Dv) (None after the connector); fp32 whatever ``precision``."""
+        with autocast(pixels.device, self.precision):
+            if self.split_block is None:
+                h, x = self.connector(patch_tokens(self.tower, pixels)), None
+            else:
+                x, h = self.tower(pixels)
+        return h.float(), (x.float() if x is not None else None)
 
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B,3,H,W) -> (B,N,D): the image features at the split point, before compression."""
@@ -104,7 +116,7 @@ class ClientModel(nn.Module):
         if self.text_embed is None:
             raise RuntimeError("this client model has no text embedding table (text-mode=ids)")
         ids = torch.from_numpy(np.concatenate([np.asarray(s, dtype=np.int64) for s in seqs]))
-        return self.text_embed(ids)[None]
+        return self.text_embed(ids.to(self.text_embed.weight.device))[None]
 
     def stream_inputs(self, batch: ClientBatch) -> Streams[torch.Tensor]:
         """What each active stream's codec encodes for one micro-batch."""
@@ -140,13 +152,17 @@ class ClientModel(nn.Module):
 
 
 class ServerModel(nn.Module):
-    """Compressor server halves [+ rest of the vision tower + connector] + causal LM."""
+    """Compressor server halves [+ rest of the vision tower + connector] + causal LM.
+
+    ``precision`` (``bf16``/``fp16``) runs the vision tail, the connector and the LLM under
+    autocast; the codec server halves decode and project in fp32."""
 
     def __init__(
         self, codecs: Streams[ServerCodec], llm: PreTrainedModel, *, tail: VisionTail | None = None,
-        connector: nn.Module | None = None,
+        connector: nn.Module | None = None, precision: str = "fp32",
     ) -> None:
         super().__init__()
+        self.precision = precision
         self.codec = codecs.image
         self.llm = llm
         self.tail, self.connector = tail, connector
@@ -162,13 +178,20 @@ class ServerModel(nn.Module):
         """The codec definitions (shared with the clients) of every active stream."""
         return self.codecs().map(lambda _, c: c.spec)
 
+    @property
+    def device(self) -> torch.device:
+        return module_device(self)
+
     def image_embeds(self, streams: Streams[torch.Tensor]) -> torch.Tensor:
         """Decoded image (and residual) streams -> (B,N,D) image tokens for the LLM."""
-        z = self.codec(streams.image)
-        if self.tail is None:
-            return z
-        residual = self.residual_codec(streams.residual) if self.residual_codec is not None else z
-        return self.connector(self.tail(z, residual))
+        dev = streams.image.device
+        with full_precision(dev, self.precision):
+            z = self.codec(streams.image)
+            if self.tail is None:
+                return z
+            residual = self.residual_codec(streams.residual) if self.residual_codec is not None else z
+        with autocast(dev, self.precision):
+            return self.connector(self.tail(z, residual))
 
     def text_embeds(self, text_ids: torch.Tensor, lens: torch.Tensor | None = None, text_hat: torch.Tensor | None = None) -> torch.Tensor:
         """(B,T) ids -> (B,T,D) embeddings; with ``text_hat`` (1, sum(lens), D) the decoded
@@ -179,8 +202,9 @@ class ServerModel(nn.Module):
             return txt
         if self.text_codec is None:
             raise RuntimeError("quantised text given but the server has no text codec")
-        flat = self.text_codec(text_hat[0]).to(txt.dtype)
-        valid = torch.arange(txt.shape[1])[None] < lens[:, None]
+        with full_precision(txt.device, self.precision):
+            flat = self.text_codec(text_hat[0]).to(txt.dtype)
+        valid = torch.arange(txt.shape[1], device=txt.device)[None] < lens.to(txt.device)[:, None]
         if int(valid.sum()) != flat.shape[0]:
             raise ValueError(f"{flat.shape[0]} quantised text tokens for {int(valid.sum())} positions")
         return txt.masked_scatter(valid[..., None], flat)
@@ -191,7 +215,8 @@ class ServerModel(nn.Module):
         The image tokens go after the first ``split[b]`` text tokens of row ``b`` (the
         first question), or first when ``split`` is None. Text token ``j >= split`` sits
         at position ``N + j`` either way, so answers are read out at the same positions."""
-        return sequence_logits(self.llm, img, txt, split)
+        with autocast(txt.device, self.precision):
+            return sequence_logits(self.llm, img, txt, split)
 
     def logits(self, y_hat: torch.Tensor, text_ids: torch.Tensor, split: torch.Tensor | None = None) -> torch.Tensor:
         """(B,N,D) decoded image features + (B,T) ids -> (B,N+T,V) logits (image stream only)."""
@@ -205,9 +230,10 @@ def sequence_logits(llm: nn.Module, img: torch.Tensor, txt: torch.Tensor, split:
         return llm(inputs_embeds=torch.cat([img, txt], dim=1)).logits
     B, T, D = txt.shape
     N = img.shape[1]
-    j = torch.arange(T).expand(B, T)
+    split = split.to(txt.device)
+    j = torch.arange(T, device=txt.device).expand(B, T)
     text_pos = torch.where(j < split[:, None], j, j + N)
-    img_pos = split[:, None] + torch.arange(N)
+    img_pos = split[:, None] + torch.arange(N, device=txt.device)
     seq = txt.new_zeros(B, N + T, D)
     seq = seq.scatter(1, text_pos[..., None].expand(B, T, D), txt)
     seq = seq.scatter(1, img_pos[..., None].expand(B, N, D), img)
@@ -238,20 +264,23 @@ def _codec_halves(cfg: SplitConfig) -> Streams[tuple[ClientCodec, ServerCodec]]:
     return Streams.of({s: halves(s) for s in active_streams(cfg)})
 
 
-def build_client_model(cfg: SplitConfig, vocab_size: int | None = None) -> ClientModel:
-    """The client half, initialised from ``cfg.seed`` (identical on every client)."""
+def build_client_model(cfg: SplitConfig, vocab_size: int | None = None, device: torch.device | None = None) -> ClientModel:
+    """The client half, initialised from ``cfg.seed`` (identical on every client), on the
+    CPU, then moved to ``device`` (the same initial weights on every device)."""
     text_embed = None
     if cfg.text_mode == "quantized":
         text_embed = _text_embedding_copy(cfg, vocab_size if vocab_size is not None else len(get_tokenizer(cfg)))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         tower = build_vision_tower(cfg)
+        if cfg.gradient_checkpointing:
+            enable_checkpointing(tower)
         codecs = _codec_halves(cfg).map(lambda _, h: h[0])
         model = ClientModel(tower, llm_hidden_size(cfg), codecs, cfg.trains_vision_tower, cfg.feature_noise, cfg.seed,
-                            split_block=cfg.split_block, text_embed=text_embed)
+                            split_block=cfg.split_block, text_embed=text_embed, precision=cfg.precision)
     if cfg.init_dir is not None and cfg.split_block is None:
         load_connector(cfg.init_dir, model.connector)
-    return model
+    return model if device is None else model.to(device)
 
 
 def apply_lora(llm: PreTrainedModel, rank: int, alpha: float) -> nn.Module:
@@ -261,17 +290,23 @@ def apply_lora(llm: PreTrainedModel, rank: int, alpha: float) -> nn.Module:
     return get_peft_model(llm, config)
 
 
-def build_server_model(cfg: SplitConfig, vocab_size: int) -> ServerModel:
+def build_server_model(cfg: SplitConfig, vocab_size: int, device: torch.device | None = None) -> ServerModel:
     """The server half, initialised from ``cfg.seed + 1`` (the vision tail at ``vit-ln1:k``
-    from ``cfg.seed``, i.e. the same initial tower as the clients')."""
+    from ``cfg.seed``, i.e. the same initial tower as the clients'), on the CPU, then moved
+    to ``device``."""
     tail = None
     if cfg.split_block is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            tail = VisionTail(build_vision_tower(cfg), cfg.split_block).requires_grad_(cfg.trains_vision_tower)
+            tower = build_vision_tower(cfg)
+            if cfg.gradient_checkpointing:
+                enable_checkpointing(tower)
+            tail = VisionTail(tower, cfg.split_block).requires_grad_(cfg.trains_vision_tower)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 1)
         llm = build_llm(cfg, vocab_size)
+        if cfg.gradient_checkpointing:  # on the base model: peft's wrapper forwards to it
+            enable_checkpointing(llm)
         codecs = _codec_halves(cfg).map(lambda _, h: h[1])
         connector = make_connector(vision_hidden_size(cfg), llm_hidden_size(cfg)) if tail is not None else None
         if cfg.llm_lora_rank > 0:  # last, so the adapters' random init leaves the rest as without LoRA
@@ -280,7 +315,8 @@ def build_server_model(cfg: SplitConfig, vocab_size: int) -> ServerModel:
             llm.get_input_embeddings().weight.requires_grad_(False)
     if connector is not None and cfg.init_dir is not None:
         load_connector(cfg.init_dir, connector)
-    return ServerModel(codecs, llm, tail=tail, connector=connector)
+    model = ServerModel(codecs, llm, tail=tail, connector=connector, precision=cfg.precision)
+    return model if device is None else model.to(device)
 
 
 def set_stage(model: ServerModel, stage: str) -> None:

@@ -3,7 +3,9 @@
 The vision tower is a ``transformers`` ``SiglipVisionModel`` (``CLIPVisionModel`` is
 accepted for pretrained towers) and the LLM an ``AutoModelForCausalLM``. ``tiny``
 builds both from small configs with a seeded initialisation; anything else is a local
-directory or hub id loaded with ``from_pretrained``. Also the widths and token counts
+directory or hub id loaded with ``from_pretrained``, always in fp32 (the master weights;
+``precision`` sets the compute dtype with autocast, :mod:`sim.model.device`), whatever
+dtype the checkpoint was saved in. Also the widths and token counts
 at the split point, and TinyLLaVA's connector.
 """
 
@@ -67,7 +69,7 @@ def build_vision_tower(cfg: SplitConfig) -> PreTrainedModel:
         raise ValueError(
             f"vision-tower {source!r} has model_type {model_type!r}; supported: {', '.join(sorted(_VISION_CLASSES))}"
         )
-    tower = _VISION_CLASSES[model_type].from_pretrained(source)
+    tower = _VISION_CLASSES[model_type].from_pretrained(source, dtype=torch.float32)
     size = tower.config.image_size
     if size != cfg.image_size:
         raise ValueError(f"image-size is {cfg.image_size} but vision-tower {source!r} expects {size}")
@@ -89,7 +91,7 @@ def build_llm(cfg: SplitConfig, vocab_size: int) -> PreTrainedModel:
             initializer_range=TINY_LLM_INIT_STD,
         )
         return AutoModelForCausalLM.from_config(lc)
-    llm = AutoModelForCausalLM.from_pretrained(cfg.llm_source)
+    llm = AutoModelForCausalLM.from_pretrained(cfg.llm_source, dtype=torch.float32)
     if llm.get_input_embeddings().num_embeddings < vocab_size:
         raise ValueError(
             f"llm {cfg.llm_source!r} has {llm.get_input_embeddings().num_embeddings} embeddings but the "

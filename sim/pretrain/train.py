@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sim.config import SplitConfig
+from sim.config import FROM_SCRATCH, SplitConfig
 from sim.data.batches import TokenisedExamples, eval_text, pixels, tokenise, train_text
 from sim.data.casestudy import CASE_STUDY_VOCABULARIES
 from sim.data.public_corpus import (
@@ -69,8 +69,9 @@ class UnsplitVLM(nn.Module):
 
 
 def model_config(recipe: Recipe) -> SplitConfig:
-    """The run config whose ``tiny`` models have the recipe's shape (what the builders read)."""
-    return SplitConfig().replace(
+    """The run config whose ``tiny`` models have the recipe's shape (what the builders read):
+    from scratch, so the towers are built from config, not loaded from the default checkpoint."""
+    return SplitConfig.from_run_config(FROM_SCRATCH).replace(
         seed=recipe.seed, image_size=recipe.image_size, patch_size=recipe.patch_size, hidden_size=recipe.hidden_size,
         vision_layers=recipe.vision_layers, llm_layers=recipe.llm_layers,
     )

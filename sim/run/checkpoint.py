@@ -11,7 +11,7 @@ either the previous round's checkpoint or this one, never a torn file. It holds:
     server_optimiser   its AdamW state
     client_weights     the global client-side weights after R's FedAvg
     rng                torch, numpy and python RNG states
-    ledger             every ledger row so far and the simulated network time
+    ledger             every ledger row so far and the simulated network time (and its uplink and downlink shares)
     metrics_csv/steps_csv   metrics.csv and steps.csv as they were after R
     strategy           the round engine's run-long counters (rejections, drops, bad records)
     elapsed_s          wall time so far
@@ -49,6 +49,8 @@ class Checkpoint:
     steps_csv: str
     strategy: dict
     elapsed_s: float
+    sim_uplink_s: float | None = None  # the ledger's uplink and downlink shares (None: a checkpoint from before
+    sim_downlink_s: float | None = None  # they were kept; recomputed from the rows)
 
 
 def rng_state() -> dict:
@@ -86,4 +88,4 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
     path = run_dir / CHECKPOINT
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint to resume from (was the run started with checkpoint=true?)")
-    return Checkpoint(**torch.load(path, weights_only=True))
+    return Checkpoint(**torch.load(path, weights_only=True, map_location="cpu"))  # a GPU run resumes anywhere

@@ -56,7 +56,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def ray_backend_config(cfg: SplitConfig, address: str | None = None) -> dict:
+def ray_backend_config(cfg: SplitConfig, address: str | None = None, gpus: int | None = None) -> dict:
     """Ray sized for the machine it runs on (measured on a 2-core, 24 GB box; docs/reliability.md).
 
     * ``num_cpus`` = the machine's cores and ``client_resources.num_cpus`` =
@@ -66,22 +66,35 @@ def ray_backend_config(cfg: SplitConfig, address: str | None = None) -> dict:
     * ``object_store_memory`` = 512 MB instead of Ray's default of 30 % of RAM: only the
       in-flight messages and contexts pass through it (a few MB per client message with
       the default model), and the rest of the memory stays for the processes.
-    * no dashboard, no GPUs, Ray's own logs at ERROR.
+    * ``client_resources.num_gpus`` = ``client-gpus`` (0: Ray hides the GPUs from the
+      ClientApps) and, when it is above 0, ``num_gpus`` = the GPUs torch sees here (``gpus``);
+      no dashboard, Ray's own logs at ERROR.
 
     With ``address`` (``--ray-address``, e.g. ``auto``) the simulation joins a running Ray
-    cluster instead (docs/performance.md); the cluster's own CPU and memory settings apply.
+    cluster instead (docs/performance.md); the cluster's own CPU, GPU and memory settings apply.
+    A ClientApp ``device`` of ``cuda``/``cuda:N`` needs ``client-gpus`` > 0 (Ray would hide
+    the GPUs from it), and ``client-gpus`` > 0 on a local Ray needs a GPU here.
     """
     cpus = os.cpu_count() or 1
+    if cfg.client_gpus == 0 and cfg.device.startswith("cuda"):
+        raise ConfigError(f"Config key 'device' is {cfg.device!r} but 'client-gpus' is 0: Ray hides the GPUs from "
+                          "ClientApps that ask for none; set client-gpus (e.g. 0.25 to share a GPU by 4) or device=auto.")
     if address:
         return {
-            "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": 0.0},
+            "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus},
             "init_args": {"address": address, "logging_level": logging.ERROR, "log_to_driver": True},
         }
+    if cfg.client_gpus > 0 and gpus is None:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    if cfg.client_gpus > 0 and not gpus:
+        raise ConfigError(f"Config key 'client-gpus' is {cfg.client_gpus} but this machine has no GPU torch can use.")
     return {
-        "client_resources": {"num_cpus": min(cfg.client_cpus, cpus), "num_gpus": 0.0},
+        "client_resources": {"num_cpus": min(cfg.client_cpus, cpus), "num_gpus": cfg.client_gpus},
         "init_args": {
             "num_cpus": cpus,
-            "num_gpus": 0,
+            "num_gpus": gpus if cfg.client_gpus > 0 else 0,
             "object_store_memory": 512 * 1024 * 1024,
             "include_dashboard": False,
             "logging_level": logging.ERROR,

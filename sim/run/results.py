@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -20,12 +21,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from sim.config import SplitConfig  # noqa: E402
-from sim.wire.ledger import Ledger  # noqa: E402
+from sim.wire.ledger import Ledger, LedgerRow, NetworkModel, network_seconds_per_round  # noqa: E402
 
 METRIC_COLUMNS = (
     "round", "accuracy", "train_loss", "client_aux_loss", "clients", "dropped", "rejected", "samples",
-    "uplink_bytes", "downlink_bytes", "exchanges", "wall_s", "train_s", "runtime_s", "client_compute_s", "sim_network_s",
-    "acc_colour", "acc_shape", "acc_count", "acc_position", "acc_relational", "acc_llava",
+    "uplink_bytes", "downlink_bytes", "exchanges", "wall_s", "train_s", "runtime_s", "client_compute_s", "compute_s",
+    "sim_network_s", "sim_uplink_s", "sim_downlink_s", "acc_colour", "acc_shape", "acc_count", "acc_position", "acc_relational", "acc_llava",
 )
 
 
@@ -76,7 +77,10 @@ class RunRecorder:
             "train_s": round(report.train_s, 4),
             "runtime_s": round(report.runtime_s, 4),
             "client_compute_s": round(report.client_compute_s, 4),
+            "compute_s": round(report.compute_s, 4),
             "sim_network_s": round(report.sim_network_s, 6),
+            "sim_uplink_s": round(report.sim_uplink_s, 6),
+            "sim_downlink_s": round(report.sim_downlink_s, 6),
         }
         for q in ("colour", "shape", "count", "position", "relational", "llava"):
             c, n = report.eval_counts.get(q, (0, 0))
@@ -112,12 +116,54 @@ class RunRecorder:
             "samples_seen": samples,
             "wall_s": round(time.perf_counter() - self.t0, 3),
             "sim_network_s": round(ledger.sim_network_s, 6),
+            "sim_uplink_s": round(ledger.sim_uplink_s, 6),
+            "sim_downlink_s": round(ledger.sim_downlink_s, 6),
+            "compute_s": round(float(metrics["compute_s"].sum()), 3) if "compute_s" in metrics else 0.0,
             "messages": len(ledger.rows),
         }
+        summary["sim_total_s"] = round(summary["compute_s"] + ledger.sim_network_s, 3)
+        summary["time_to_accuracy_s"] = time_to_accuracy(metrics, ledger.rows, self.cfg.rtt_ms)
         summary.update(extra or {})
         write_json_atomic(self.dir / "summary.json", summary)
         plot_run(self.dir)
         return summary
+
+
+TTA_BANDWIDTHS_MBPS = (1, 10, 100)  # symmetric links the summary's time-to-accuracy is given at
+TTA_FRACTIONS = (90, 95, 99)  # per cent of the final accuracy
+
+
+def time_to_accuracy(
+    metrics: pd.DataFrame, rows: list[LedgerRow], rtt_ms: float,
+    bandwidths: tuple[float, ...] = TTA_BANDWIDTHS_MBPS, fractions: tuple[int, ...] = TTA_FRACTIONS,
+) -> dict[str, dict[str, float | None]]:
+    """Simulated seconds until the accuracy first reaches ``X %`` of the final accuracy, on
+    a symmetric link of each bandwidth (Mbit/s, ``rtt_ms`` round trip), from one run:
+    ``{"10mbps": {"90pct": s, ...}, ...}``.
+
+    A round's simulated time is its measured compute (``compute_s`` of metrics.csv) plus
+    its exchanges' network time recomputed from the ledger rows at that bandwidth; the
+    clock starts before the codec initialisation (round 0: its network time counts, its
+    compute is not measured) and a round's accuracy is read at its end. None when the
+    final accuracy is not a positive number."""
+    out: dict[str, dict[str, float | None]] = {}
+    acc = [float(a) for a in metrics["accuracy"]] if len(metrics) else []
+    final = acc[-1] if acc else math.nan
+    for bw in bandwidths:
+        net = network_seconds_per_round(rows, NetworkModel(float(bw), rtt_ms))
+        clock, elapsed = net.get(0, 0.0), []
+        computes = metrics["compute_s"] if "compute_s" in metrics else [0.0] * len(metrics)
+        for rnd, compute in zip(metrics["round"], computes):
+            clock += float(compute) + net.get(int(rnd), 0.0)
+            elapsed.append(clock)
+        key = f"{bw:g}mbps"
+        out[key] = {}
+        for pct in fractions:
+            hit = None
+            if math.isfinite(final) and final > 0:
+                hit = next((round(t, 3) for a, t in zip(acc, elapsed) if a >= pct / 100 * final), None)
+            out[key][f"{pct}pct"] = hit
+    return out
 
 
 def plot_run(run_dir: Path) -> None:

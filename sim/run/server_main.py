@@ -53,7 +53,7 @@ class ServerRun:
         self.server = build_server(cfg)
         self.recorder = RunRecorder(run_dir, cfg, clients=cfg.expected_clients)
         get_tokenizer(cfg).save_pretrained(run_dir / "tokenizer")
-        self.ledger = Ledger(NetworkModel(cfg.bandwidth_mbps, cfg.rtt_ms), run_dir / "ledger.csv")
+        self.ledger = Ledger(NetworkModel.from_config(cfg), run_dir / "ledger.csv")
         self.table = RoundTable(cfg)
         self.first_round = self.ckpt.round + 1 if self.ckpt else 1
         self.resumed_from = self.ckpt.round if self.ckpt else 0
@@ -93,6 +93,7 @@ class ServerRun:
             rng=rng_state(), ledger=[astuple(r) for r in self.ledger.rows], sim_network_s=self.ledger.sim_network_s,
             metrics_csv=(recorder.dir / "metrics.csv").read_text(), steps_csv=(recorder.dir / "steps.csv").read_text(),
             strategy=engine.state_dict(), elapsed_s=time.perf_counter() - recorder.t0,
+            sim_uplink_s=self.ledger.sim_uplink_s, sim_downlink_s=self.ledger.sim_downlink_s,
         )
 
     def _restore(self, ckpt: Checkpoint) -> dict:
@@ -100,7 +101,8 @@ class ServerRun:
         returns the global client weights."""
         self.server.model.load_state_dict(ckpt.server_model)
         self.server.opt.load_state_dict(ckpt.server_optimiser)
-        self.ledger.restore([LedgerRow(*r) for r in ckpt.ledger], ckpt.sim_network_s)
+        self.ledger.restore([LedgerRow(*r) for r in ckpt.ledger], ckpt.sim_network_s, ckpt.sim_uplink_s,
+                            ckpt.sim_downlink_s)
         (self.run_dir / "metrics.csv").write_text(ckpt.metrics_csv)
         (self.run_dir / "steps.csv").write_text(ckpt.steps_csv)
         self.recorder.t0 -= ckpt.elapsed_s

@@ -22,6 +22,7 @@ from sim.data import bad_record_count, client_shard, load_examples
 from sim.data.batches import TextBatch, TokenisedExamples, eval_text, pixels, step_indices, tokenise, train_text
 from sim.data.tokenizer import get_tokenizer
 from sim.model import ClientBatch, ClientModel, build_client_model, client_state, image_token_count, load_client_state
+from sim.model.device import client_device, configure_determinism
 from sim.model.processor import image_processor
 
 from .schedule import lr_at, make_optimiser
@@ -68,7 +69,9 @@ def client_runtime(cfg: SplitConfig, partition: int, num_partitions: int, own_da
 
 @functools.lru_cache(maxsize=4)
 def _model_and_optimiser(cfg: SplitConfig, vocab_size: int) -> tuple[ClientModel, torch.optim.Optimizer]:
-    model = build_client_model(cfg, vocab_size)
+    device = client_device(cfg)
+    configure_determinism(device, cfg.cuda_deterministic)
+    model = build_client_model(cfg, vocab_size, device)
     opt = make_optimiser(cfg, trainable(model))
     return model, opt
 
@@ -96,7 +99,8 @@ def load_weights(rt: ClientRuntime, weights: dict[str, torch.Tensor]) -> None:
 
 
 def get_weights(rt: ClientRuntime) -> dict[str, torch.Tensor]:
-    return client_state(rt.model)
+    """The client state, on the CPU (where FedAvg and the wire keep it)."""
+    return {k: v.cpu() for k, v in client_state(rt.model).items()}
 
 
 def get_optimiser_state(rt: ClientRuntime) -> dict[str, torch.Tensor]:
@@ -125,12 +129,22 @@ def client_batch(rt: ClientRuntime, idx: np.ndarray, text: list[np.ndarray] | No
     (the whole sequences unless ``text`` gives others, e.g. evaluation prompts)."""
     if rt.cfg.text_mode == "quantized" and text is None:
         text = [rt.data.ids[i] for i in idx]
-    return ClientBatch(pixels(rt.data, idx, image_processor(rt.cfg)), text if rt.cfg.text_mode == "quantized" else None)
+    px = pixels(rt.data, idx, image_processor(rt.cfg)).to(rt.model.device)
+    return ClientBatch(px, text if rt.cfg.text_mode == "quantized" else None)
+
+
+def on_cpu(enc: Encoded) -> Encoded:
+    """What a codec packs, moved to the CPU (packing is numpy); ``enc`` itself when it is there."""
+    tensors = [enc.y, enc.codes, enc.aux_loss, *enc.side.values()]
+    if all(t.device.type == "cpu" for t in tensors if isinstance(t, torch.Tensor)):
+        return enc
+    return Encoded(y=enc.y.detach().cpu(), codes=enc.codes.detach().cpu(), aux_loss=enc.aux_loss.detach().cpu(),
+                   side={k: v.detach().cpu() for k, v in enc.side.items()})
 
 
 def pack_streams(rt: ClientRuntime, encs: Streams[Encoded]) -> Streams[Payload]:
     codecs = rt.model.codecs()
-    return encs.map(lambda s, e: codecs[s].pack(e))
+    return encs.map(lambda s, e: codecs[s].pack(on_cpu(e)))
 
 
 def encode_steps(rt: ClientRuntime, rnd: int, steps: list[int]) -> Encodings:

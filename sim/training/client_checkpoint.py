@@ -57,7 +57,7 @@ def load_optimiser_file(cfg: SplitConfig, node: NodeIdentity, upto_round: int) -
     rounds = [r for r in _rounds(d) if r <= upto_round] if d.is_dir() else []
     if not rounds:
         return None
-    saved = torch.load(d / f"round-{max(rounds):06d}.pt", weights_only=True)
+    saved = torch.load(d / f"round-{max(rounds):06d}.pt", weights_only=True, map_location="cpu")
     return saved["optimiser"]
 
 

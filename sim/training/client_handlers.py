@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import time
 
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import RecordDict
 
 from sim.config import ConfigError, SplitConfig
 from sim.config.faults import EVAL, inject
 from sim.model import synced_names
-from sim.wire.arrays import WireError, meta_int
+from sim.wire.arrays import WireError, meta_int, record_state, state_record
 from sim.wire.messages import MAX_STEPS, eval_reply, hello_reply, init_reply, parse_train_request, train_reply
 from sim.wire.streams import decode_grad_records, micro_batch_shapes
 
@@ -55,18 +55,18 @@ def _restore(cfg: SplitConfig, content: RecordDict, state: RecordDict, node: Nod
     key = "weights" if source is content else "client.weights"
     if key not in source.array_records:
         raise WireError("no client weights: the first message of a round must carry 'weights'")
-    load_weights(rt, source.array_records[key].to_torch_state_dict())
+    load_weights(rt, record_state(source.array_records[key]))
     optim = state.array_records.get("client.optim")
     if optim is not None:
-        load_optimiser_state(rt, optim.to_torch_state_dict())
+        load_optimiser_state(rt, record_state(optim))
     else:
         load_optimiser_state(rt, load_optimiser_file(cfg, node, resumed_from) if resumed_from > 0 else None)
     return rt
 
 
 def _persist(rt: ClientRuntime, state: RecordDict) -> None:
-    state["client.weights"] = ArrayRecord.from_torch_state_dict(get_weights(rt))
-    state["client.optim"] = ArrayRecord.from_torch_state_dict(get_optimiser_state(rt))
+    state["client.weights"] = state_record(get_weights(rt))
+    state["client.optim"] = state_record(get_optimiser_state(rt))
 
 
 def client_hello(content: RecordDict, state: RecordDict, node: NodeIdentity) -> RecordDict:

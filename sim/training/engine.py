@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from flwr.app import Message, RecordDict
 
+from sim.compress.error_feedback import ErrorFeedback
 from sim.config import SplitConfig
 from sim.wire.arrays import WireError, payload_bytes, wire_bytes
 from sim.wire.ledger import Ledger, LedgerRow
@@ -78,6 +79,9 @@ class RoundReport:
     train_s: float = 0.0  # the exchanges and server steps only (no discovery, no evaluation)
     runtime_s: float = 0.0  # of train_s: the runtime's messaging cost (see RoundEngine._note_wait)
     client_compute_s: float = 0.0  # of train_s: the slowest client's compute, per exchange
+    compute_s: float = 0.0  # train_s and the evaluation without the runtime's messaging cost: the server's and the slowest clients' compute
+    sim_uplink_s: float = 0.0  # of sim_network_s: the uplink's share (docs/protocol.md, network model)
+    sim_downlink_s: float = 0.0  # of sim_network_s: the downlink's share
 
     @property
     def accuracy(self) -> float:
@@ -132,6 +136,7 @@ class RoundEngine:
         self.dropped_total = 0  # (round, client) drops, whole run
         self.bad_records: dict[int, int] = {}  # partition -> records its data loader skipped
         self._weights = None  # name -> (dtype, shape) of the global client weights
+        self.feedback: dict[int, ErrorFeedback] = {}  # partition -> its residuals (grad-error-feedback)
         llm_cfg = getattr(server.model, "llm", None)
         positions = getattr(getattr(llm_cfg, "config", None), "max_position_embeddings", None) or 65_535
         self._max_text = max(1, int(positions) - server.tokens)
@@ -143,6 +148,7 @@ class RoundEngine:
         self.global_weights = weights
         for rnd in range(self.first_round, num_rounds + 1):
             t0, net0, ignored0 = time.perf_counter(), self.ledger.sim_network_s, self.ignored
+            up0, down0 = self.ledger.sim_uplink_s, self.ledger.sim_downlink_s
             self.discover(transport, rnd, timeout)
             t_train, rt0, cc0 = time.perf_counter(), self.runtime_s, self.client_compute_s
             report, new_weights = self.train_round(transport, rnd, weights, timeout)
@@ -151,14 +157,19 @@ class RoundEngine:
             if new_weights is not None:
                 weights = new_weights
             self.live -= report.timed_out  # not worth another timeout this round
+            report.compute_s = report.train_s - report.runtime_s
             if self.evaluate_rounds:
+                t_eval, rt_eval = time.perf_counter(), self.runtime_s
                 self.evaluate_round(transport, rnd, weights, report, timeout)
+                report.compute_s += (time.perf_counter() - t_eval) - (self.runtime_s - rt_eval)
             report.exchanges += 1
             report.rejected += self.ignored - ignored0
             self.global_weights = weights
             self.rejected_total += report.rejected
             report.wall_s = time.perf_counter() - t0
             report.sim_network_s = self.ledger.sim_network_s - net0
+            report.sim_uplink_s = self.ledger.sim_uplink_s - up0
+            report.sim_downlink_s = self.ledger.sim_downlink_s - down0
             if self.on_round is not None:
                 self.on_round(report)
         return weights
@@ -181,6 +192,7 @@ class RoundEngine:
         """The exchanges of one round; returns its report and the FedAvg'd weights (None if
         no client finished)."""
         schedule = exchange_schedule(self.cfg)
+        self.feedback = {}  # every client starts a round without error-feedback residuals
         msgs = self.round_requests(rnd, weights)
         sampled = [self._partition_of(m.metadata.dst_node_id) for m in msgs]
         active = list(sampled)
@@ -233,7 +245,8 @@ class RoundEngine:
             samples += len(encode) * self.cfg.batch_size_at(rnd) * len(active)
             nxt_apply, nxt_encode = schedule[e + 1]
             msgs = [
-                Message(train_request(self.cfg, rnd, e + 1, nxt_apply, nxt_encode, e + 1 == len(schedule) - 1, grads=grads[i]),
+                Message(train_request(self.cfg, rnd, e + 1, nxt_apply, nxt_encode, e + 1 == len(schedule) - 1, grads=grads[i],
+                                      feedback=self._feedback(p)),
                         dst_node_id=self.partitions[p], message_type=TRAIN)
                 for i, p in enumerate(active)
             ]
@@ -405,6 +418,12 @@ class RoundEngine:
         slowest = max(compute, default=0.0)
         self.client_compute_s += slowest
         self.runtime_s += max(0.0, wait_s - slowest)
+
+    def _feedback(self, partition: int) -> ErrorFeedback | None:
+        """The error-feedback residuals of a client (``grad-error-feedback``), else None."""
+        if not self.cfg.grad_error_feedback:
+            return None
+        return self.feedback.setdefault(partition, ErrorFeedback())
 
     def _partition_of(self, node_id: int) -> int:
         return self._node_partition.get(node_id, -1)

@@ -44,7 +44,7 @@ def reference_engine(cfg: SplitConfig, evaluate_rounds: bool = True, ledger: Led
     """A round engine with a fresh server half, seeded as the ServerApp seeds it."""
     torch.manual_seed(cfg.seed)
     server = build_server(cfg)
-    ledger = ledger or Ledger(NetworkModel(cfg.bandwidth_mbps, cfg.rtt_ms))
+    ledger = ledger or Ledger(NetworkModel.from_config(cfg))
     return RoundEngine(cfg, server, ledger, on_round=on_round, evaluate_rounds=evaluate_rounds)
 
 
@@ -90,7 +90,7 @@ def evaluate_global(
     round-tripped copies; the cached dataset itself is left untouched. ``train_samples``
     > 0 scores the first that many *training* examples of each client instead of its
     test set (to tell over-fitting from under-fitting)."""
-    engine = RoundEngine(cfg, server, Ledger(NetworkModel(cfg.bandwidth_mbps, cfg.rtt_ms)))
+    engine = RoundEngine(cfg, server, Ledger(NetworkModel.from_config(cfg)))
     replies = []
     for p in sample_partitions(list(range(num_partitions)), cfg, rnd, evaluation=True):
         rt = client_runtime(cfg, p, num_partitions)

@@ -18,6 +18,7 @@ from sim.model import (
     ServerModel, build_client_model, build_server_model, client_state, fold_client_state, image_token_count,
     load_server_synced, set_stage, state_needs_init, stream_width,
 )
+from sim.model.device import configure_determinism, server_device
 
 from .schedule import lr_at, make_optimiser
 from .split_step import exact_match, image_split, server_generate, server_train_step, trainable
@@ -36,8 +37,11 @@ class ServerRuntime:
 
 
 def build_server(cfg: SplitConfig) -> ServerRuntime:
+    """The server half on ``server-device`` (``device`` by default) and its optimiser."""
     tok = get_tokenizer(cfg)
-    model = build_server_model(cfg, len(tok))
+    device = server_device(cfg)
+    configure_determinism(device, cfg.cuda_deterministic)
+    model = build_server_model(cfg, len(tok), device)
     opt = make_optimiser(cfg, trainable(model))
     return ServerRuntime(
         cfg, model, opt, image_token_count(cfg), stream_width(cfg, "image"), len(tok), tok.pad_token_id, tok.eos_token_id
@@ -128,9 +132,10 @@ def evaluate(
     ``y_hats``: the decoded streams per micro-batch; ``prompts``: token ids, or (len, D)
     decoded embeddings with ``text-mode=quantized``."""
     rt.model.eval()
+    dev = rt.model.device
     with torch.no_grad():
-        feats = torch.cat([rt.model.image_embeds(y) for y in y_hats])[: len(prompts)]
-        prompts = [rt.model.text_codec(p) if torch.is_tensor(p) and p.is_floating_point() else p for p in prompts]
+        feats = torch.cat([rt.model.image_embeds(y.map(lambda _, v: v.to(dev))) for y in y_hats])[: len(prompts)]
+        prompts = [rt.model.text_codec(p.to(dev)) if torch.is_tensor(p) and p.is_floating_point() else p for p in prompts]
     correct: list[bool] = []
     bs = rt.cfg.eval_batch_size
     for i in range(0, len(prompts), bs):

@@ -30,9 +30,32 @@ from sim.model import ClientBatch, ClientModel, ServerModel
 
 from .schedule import clip_grads, set_lr
 
+FP16_INIT_SCALE = 2.0**16  # the first loss scale tried under precision=fp16 (torch.amp.GradScaler's default)
+
 
 def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
+
+
+def scaled_grads(output: torch.Tensor, inputs: list[torch.Tensor], fp16: bool) -> tuple[torch.Tensor | None, ...]:
+    """``d output / d inputs`` (None for an input ``output`` does not use).
+
+    With ``fp16`` (``precision=fp16``) the backward runs on ``S * output`` and the gradients
+    are divided by ``S``, so that small gradients do not flush to zero in half precision
+    (dynamic loss scaling, Micikevicius et al., "Mixed Precision Training", arXiv
+    1710.03740). ``S`` starts at :data:`FP16_INIT_SCALE` and halves, on the same graph,
+    until every gradient is finite; a power of two scales exactly. It is chosen per step,
+    so no scaler state has to survive between messages (a client keeps none). Without
+    ``fp16`` it is ``torch.autograd.grad`` itself."""
+    if not fp16:
+        return torch.autograd.grad(output, inputs, allow_unused=True)
+    scale = FP16_INIT_SCALE
+    while scale >= 1.0:
+        grads = torch.autograd.grad(output * scale, inputs, allow_unused=True, retain_graph=True)
+        if all(g is None or bool(torch.isfinite(g).all()) for g in grads):
+            return tuple(None if g is None else g / scale for g in grads)
+        scale /= 2
+    raise FloatingPointError("fp16 gradients are not finite even with a loss scale of 1")
 
 
 def client_apply_grads(
@@ -58,9 +81,9 @@ def client_apply_grads(
         for s, enc in encs.items():
             if enc.y.shape != g[s].shape:
                 raise ValueError(f"{s} gradient shape {tuple(g[s].shape)} does not match features {tuple(enc.y.shape)}")
-            surrogate = surrogate + (enc.y * g[s]).sum() + enc.aux_loss
+            surrogate = surrogate + (enc.y * g[s].to(enc.y.device)).sum() + enc.aux_loss
             aux = aux + enc.aux_loss.detach()
-        per_step.append(torch.autograd.grad(surrogate, params, allow_unused=True))
+        per_step.append(scaled_grads(surrogate, params, model.precision == "fp16"))
         aux_losses.append(float(aux))
     for step_grads, lr in zip(per_step, lrs, strict=True):
         for p, gp in zip(params, step_grads):
@@ -122,11 +145,12 @@ def server_train_step(
     """One server step on the concatenated micro-batches of all clients.
 
     ``y_hats[c]`` is client ``c``'s decoded streams (``image`` (B,N,D), ``residual``
-    (B,N,Dv), ``text`` (1,L,D)). Returns the loss and the gradients dL/dy_hat split back
-    per client (the downlink)."""
+    (B,N,Dv), ``text`` (1,L,D)), on the CPU as decoded. Returns the loss and the gradients
+    dL/dy_hat split back per client (the downlink), on the CPU."""
     cat_dim = {"text": 1}  # the text stream is one row of all the micro-batch's tokens
-    joined = Streams.zip(y_hats).map(lambda k, parts: torch.cat(parts, dim=cat_dim.get(k, 0)).requires_grad_(True))
-    text = concat_text(texts, pad_id)
+    dev = model.device
+    joined = Streams.zip(y_hats).map(lambda k, parts: torch.cat(parts, dim=cat_dim.get(k, 0)).to(dev).requires_grad_(True))
+    text = concat_text(texts, pad_id).to(dev)
     img = model.image_embeds(joined)
     txt = model.text_embeds(text.ids, text.lens, joined.text)
     split = image_split(image_position, first_answer_index(text))
@@ -134,12 +158,17 @@ def server_train_step(
     if not torch.isfinite(loss):
         raise FloatingPointError(f"non-finite server loss {float(loss)}")
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    if model.precision == "fp16":
+        leaves = [*trainable(model), *joined.values()]
+        for t, gt in zip(leaves, scaled_grads(loss, leaves, True)):
+            t.grad = gt
+    else:
+        loss.backward()
     if grad_clip > 0:  # skip building the parameter list on the default (unclipped) path
         clip_grads(trainable(model), grad_clip)
     set_lr(opt, lr)
     opt.step()
-    parts = joined.map(lambda k, v: v.grad.split([y[k].shape[cat_dim.get(k, 0)] for y in y_hats], dim=cat_dim.get(k, 0)))
+    parts = joined.map(lambda k, v: v.grad.cpu().split([y[k].shape[cat_dim.get(k, 0)] for y in y_hats], dim=cat_dim.get(k, 0)))
     return float(loss.detach()), [parts.map(lambda _, p: p[c]) for c in range(len(y_hats))]
 
 
@@ -157,14 +186,15 @@ def server_generate(
     cursor irrelevant."""
     B, n_img = img.shape[0], img.shape[1]
     table = model.llm.get_input_embeddings()
-    lens = torch.tensor([len(p) for p in prompts])
-    buf = table(torch.full((B, int(lens.max()) + max_new), pad_id, dtype=torch.int64)).clone()
+    dev = img.device
+    lens = torch.tensor([len(p) for p in prompts], device=dev)
+    buf = table(torch.full((B, int(lens.max()) + max_new), pad_id, dtype=torch.int64, device=dev)).clone()
     for i, p in enumerate(prompts):
-        emb = p if torch.is_tensor(p) and p.is_floating_point() else table(torch.as_tensor(p, dtype=torch.int64))
+        emb = p if torch.is_tensor(p) and p.is_floating_point() else table(torch.as_tensor(p, dtype=torch.int64, device=dev))
         buf[i, : len(p)] = emb.to(buf.dtype)
     out: list[list[int]] = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool)
-    rows = torch.arange(B)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    rows = torch.arange(B, device=dev)
     for _ in range(max_new):
         width = int(lens.max())
         logits = model.sequence_logits(img, buf[:, :width], split)

@@ -6,6 +6,12 @@ Flower's ~128-byte framing per array stays negligible); scalars travel in a
 concatenated per array name (:func:`encode_stream`) and split back by the codec's exact
 layout (:func:`decode_stream`). Receivers validate everything before use and raise
 :class:`WireError` with the reason.
+
+Tensors (weights, optimiser and codec state) go through :func:`state_record` /
+:func:`record_state`: Flower's ``Array.from_torch_tensor`` converts through numpy, which has
+no bfloat16, so a bf16 tensor travels as the ``.npy`` bytes of its 16-bit patterns (a
+``uint16`` view) in an ``Array`` that declares dtype ``bfloat16``; every other dtype is
+exactly what Flower would write.
 """
 
 from __future__ import annotations
@@ -18,9 +24,16 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from sim.compress import IndexLayout, Payload, PayloadError, ServerCodec
 from sim.compress.entropy_coding import unwrap_index, wrap_index
 
+BF16 = "bfloat16"  # the declared dtype of a bf16 tensor's Array (its data: uint16 .npy bytes)
+
 
 class WireError(ValueError):
     """A record that violates the protocol schema."""
+
+
+def itemsize(dtype: str) -> int:
+    """Bytes per element of an Array's declared dtype (numpy's, or 2 for :data:`BF16`)."""
+    return 2 if dtype == BF16 else np.dtype(dtype).itemsize
 
 
 # ----------------------------------------------------------------------------- sizes
@@ -35,7 +48,7 @@ def payload_bytes(content: RecordDict, info_records: tuple[str, ...]) -> int:
     for name in info_records:
         if name in content.array_records:
             for a in content.array_records[name].values():
-                total += np.dtype(a.dtype).itemsize * int(np.prod(a.shape, dtype=np.int64))
+                total += itemsize(a.dtype) * int(np.prod(a.shape, dtype=np.int64))
     return total
 
 
@@ -44,11 +57,51 @@ def arrays_to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
-def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+def tensor_array(t: torch.Tensor) -> Array:
+    """A tensor as a Flower ``Array``, from the CPU; bf16 as its bit patterns (module docstring)."""
+    t = t.detach().cpu()
+    if t.dtype != torch.bfloat16:
+        return Array.from_numpy_ndarray(t.numpy())
+    bits = Array.from_numpy_ndarray(t.contiguous().view(torch.int16).numpy().view(np.uint16))
+    return Array(dtype=BF16, shape=tuple(bits.shape), stype=bits.stype, data=bits.data)
+
+
+def array_tensor(a: Array) -> torch.Tensor:
+    """Inverse of :func:`tensor_array` (the same as Flower's ``to_torch_state_dict`` for numpy dtypes)."""
     try:
-        return {k: v.numpy() for k, v in record.items()}
+        v = a.numpy()
     except (ValueError, TypeError) as err:
         raise WireError(f"undecodable array: {err}") from None
+    if a.dtype != BF16:
+        return torch.from_numpy(v)
+    if v.dtype != np.uint16:
+        raise WireError(f"a {BF16} array must hold uint16 bit patterns, got {v.dtype}")
+    return torch.from_numpy(v.view(np.int16)).view(torch.bfloat16)
+
+
+def state_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
+    """A state dict as an ``ArrayRecord`` (``ArrayRecord.from_torch_state_dict``, bf16 included)."""
+    return ArrayRecord({k: tensor_array(v) for k, v in state.items()})
+
+
+def record_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`state_record` (``ArrayRecord.to_torch_state_dict``, bf16 included)."""
+    return {k: array_tensor(v) for k, v in record.items()}
+
+
+def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """The numpy arrays of a record; an array whose ``.npy`` bytes disagree with its
+    declared dtype or shape (which ``Array.numpy`` does not check) is a WireError."""
+    out = {}
+    for k, v in record.items():
+        try:
+            a = v.numpy()
+        except (ValueError, TypeError) as err:
+            raise WireError(f"undecodable array: {err}") from None
+        if str(a.dtype) != v.dtype or tuple(a.shape) != tuple(v.shape):
+            raise WireError(f"array '{k}' declares {v.dtype} {tuple(v.shape)} but holds {a.dtype} {a.shape}")
+        out[k] = a
+    return out
 
 
 def concat_payloads(payloads: list[Payload]) -> Payload:

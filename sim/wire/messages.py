@@ -21,15 +21,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, RecordDict
 
 from sim.compress import ClientCodec, Payload, ServerCodec
+from sim.compress.error_feedback import ErrorFeedback
 from sim.compress.streams import Streams
 from sim.config import SplitConfig, active_streams
 from sim.data.batches import QTYPES, TextBatch
 from sim.model import STREAM_PREFIX, stream_width
 
-from .arrays import WireError, arrays_to_record, meta_int, record_to_arrays
+from .arrays import WireError, arrays_to_record, meta_int, record_state, record_to_arrays, state_record
 from .schema import FLOAT, FLOATS, INT, INTS, Arrays, Expect, Key, Schema, validate
 from .streams import (
     FEATURE_RECORDS, GRAD_RECORDS, decode_payload_records, grad_records, micro_batch_shapes, payload_records,
@@ -68,7 +69,7 @@ def init_request(cfg: SplitConfig, weights: dict[str, torch.Tensor]) -> RecordDi
     return RecordDict(
         {
             "meta": ConfigRecord({"round": 0}),
-            "weights": ArrayRecord.from_torch_state_dict(weights),
+            "weights": state_record(weights),
             "config": ConfigRecord(cfg.to_run_config()),
         }
     )
@@ -77,7 +78,7 @@ def init_request(cfg: SplitConfig, weights: dict[str, torch.Tensor]) -> RecordDi
 def init_reply(partition: int, codec_state: dict[str, torch.Tensor]) -> RecordDict:
     """Only the initialised codec state goes back (``codec-state``)."""
     return RecordDict({
-        "codec-state": ArrayRecord.from_torch_state_dict(codec_state),
+        "codec-state": state_record(codec_state),
         "meta": ConfigRecord({"partition-id": partition, "round": 0}),
     })
 
@@ -92,7 +93,7 @@ def init_reply_schema() -> Schema:
 def parse_init_reply(content: RecordDict, cfg: SplitConfig, expect: Expect | None = None) -> dict[str, torch.Tensor]:
     """Validate and decode a ``query.init_codec`` reply: finite codec state (raises WireError)."""
     validate(content, init_reply_schema(), expect)
-    state = content.array_records["codec-state"].to_torch_state_dict()
+    state = record_state(content.array_records["codec-state"])
     prefixes = tuple(STREAM_PREFIX[s] for s in active_streams(cfg))
     for k, v in state.items():
         if not k.startswith(prefixes):
@@ -119,21 +120,22 @@ class TrainRequest:
 def train_request(
     cfg: SplitConfig, rnd: int, exchange: int, apply: list[int], encode: list[int], final: bool,
     grads: list[Streams[torch.Tensor]] | None = None, weights: dict[str, torch.Tensor] | None = None,
-    resumed_from: int = 0,
+    resumed_from: int = 0, feedback: ErrorFeedback | None = None,
 ) -> RecordDict:
     """``train.split_step`` request. With ``checkpoint`` on, the final exchange asks the
     client to save its optimiser state (``save-state``); after a resume the first
-    exchange says from which round (``resumed-from``) so a fresh client reloads it."""
+    exchange says from which round (``resumed-from``) so a fresh client reloads it.
+    ``feedback``: the client's error-feedback residuals (``grad-error-feedback``)."""
     meta = {"round": rnd, "exchange": exchange, "apply-steps": apply, "encode-steps": encode, "final": final}
     if final and cfg.checkpoint:
         meta["save-state"] = True
     rd = RecordDict({"meta": ConfigRecord(meta)})
     if weights is not None:
-        rd["weights"] = ArrayRecord.from_torch_state_dict(weights)
+        rd["weights"] = state_record(weights)
         rd["config"] = ConfigRecord(cfg.to_run_config())
         rd["meta"]["resumed-from"] = resumed_from
     if grads:
-        for name, record in grad_records(cfg, grads).items():
+        for name, record in grad_records(cfg, grads, feedback).items():
             rd[name] = record
     return rd
 
@@ -181,7 +183,7 @@ def train_reply(
         meta["samples"] = len(payloads) * cfg.batch_size
         meta["mask-bytes"] = [int(t["mask"].size) for t in text]
     if weights is not None:
-        reply["weights"] = ArrayRecord.from_torch_state_dict(weights)
+        reply["weights"] = state_record(weights)
         meta["num-examples"] = num_examples
     return reply
 
@@ -260,7 +262,7 @@ def parse_train_reply(
     if expect_weights:
         if "weights" not in content.array_records:
             raise WireError("final reply is missing 'weights'")
-        weights = content.array_records["weights"].to_torch_state_dict()
+        weights = record_state(content.array_records["weights"])
         for k, v in weights.items():
             if not torch.isfinite(v).all():
                 raise WireError(f"weight {k!r} contains NaN or inf")
@@ -274,7 +276,7 @@ def eval_request(cfg: SplitConfig, rnd: int, weights: dict[str, torch.Tensor]) -
     return RecordDict(
         {
             "meta": ConfigRecord({"round": rnd}),
-            "weights": ArrayRecord.from_torch_state_dict(weights),
+            "weights": state_record(weights),
             "config": ConfigRecord(cfg.to_run_config()),
         }
     )

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ConfigRecord, RecordDict
 
-from .arrays import WireError
+from .arrays import BF16, WireError
 
 INT, FLOAT, INTS, FLOATS, BOOL = "int", "float", "ints", "floats", "bool"
 
@@ -85,8 +85,11 @@ class Expect:
 
 
 def weight_spec(weights: dict) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """``name -> (numpy dtype name, shape)`` of a torch state dict (for :class:`Expect`)."""
-    return {k: (str(torch.empty(0, dtype=v.dtype).numpy().dtype), tuple(v.shape)) for k, v in weights.items()}
+    """``name -> (numpy dtype name, or bfloat16; shape)`` of a torch state dict (for :class:`Expect`)."""
+    def name(dtype: torch.dtype) -> str:
+        return BF16 if dtype == torch.bfloat16 else str(torch.empty(0, dtype=dtype).numpy().dtype)
+
+    return {k: (name(v.dtype), tuple(v.shape)) for k, v in weights.items()}
 
 
 def validate(content: RecordDict, schema: Schema, expect: Expect | None = None) -> None:
@@ -175,7 +178,8 @@ def _check_framing(arr: Array, where: str) -> tuple[np.dtype, tuple[int, ...]]:
     dtype, shape, header = _header(arr, where)
     if dtype.hasobject or dtype.byteorder == ">" or dtype.fields is not None or dtype.subdtype is not None:
         raise WireError(f"{where}: dtype {dtype.str} is not a plain little-endian number type")
-    if str(dtype) != arr.dtype or shape != tuple(arr.shape):
+    declared = "uint16" if arr.dtype == BF16 else arr.dtype  # bf16 travels as its bit patterns (sim/wire/arrays.py)
+    if str(dtype) != declared or shape != tuple(arr.shape):
         raise WireError(f"{where}: declared {arr.dtype}{list(arr.shape)} but the data holds {dtype}{list(shape)}")
     count = math.prod(shape)
     if len(arr.data) - header != count * dtype.itemsize:
@@ -204,8 +208,9 @@ def _check_weights(kind: str, record, spec: dict[str, tuple[str, tuple[int, ...]
         raise WireError(f"{kind}: weights do not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
     for name, (dtype, shape) in spec.items():
         got_dtype, got_shape = _check_framing(record[name], f"{kind}: weights.{name}")
-        if got_dtype.name != dtype or got_shape != shape:
-            raise WireError(f"{kind}: weight {name!r} is {got_dtype.name}{list(got_shape)}, expected {dtype}{list(shape)}")
+        got = BF16 if record[name].dtype == BF16 else got_dtype.name
+        if got != dtype or got_shape != shape:
+            raise WireError(f"{kind}: weight {name!r} is {got}{list(got_shape)}, expected {dtype}{list(shape)}")
 
 
 __all__ = ["BOOL", "FLOAT", "FLOATS", "INT", "INTS", "Arrays", "Expect", "Key", "Schema", "validate", "weight_spec"]

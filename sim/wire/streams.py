@@ -11,8 +11,10 @@ and its gradients come down the same way::
 Each uplink record holds the stream's micro-batch payloads concatenated per array name
 (entropy-coded as one symbol stream per record when ``entropy-coding`` is on and the
 stream's codec has integer codes); the receiver splits them by the codec's exact layout.
-Each downlink record holds the stream's gradients of all micro-batches as rows of the
-last dimension, compressed with ``grad-compressor`` at ``grad-bits``.
+Each downlink record holds the stream's gradients of all micro-batches in one tensor
+(:func:`grad_shape`: ``(samples, N, D)``, or rows of ``D`` for the text stream),
+compressed with ``grad-compressor`` at ``grad-bits`` (entropy-coded with
+``grad-entropy-coding``; error feedback, ``grad-error-feedback``, on the server).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import torch
 from flwr.app import ArrayRecord, RecordDict
 
 from sim.compress import ClientCodec, Payload, PayloadError, ServerCodec
+from sim.compress.entropy_coding import unwrap_index, wrap_index
+from sim.compress.error_feedback import ErrorFeedback
 from sim.compress.streams import Streams
 from sim.config import SplitConfig, active_streams
 from sim.model import image_token_count, stream_width
@@ -76,32 +80,63 @@ def decode_payload_records(
     return [Streams.of({s: decoded[s][i] for s in decoded}) for i in range(count)]
 
 
-def grad_records(cfg: SplitConfig, grads: list[Streams[torch.Tensor]]) -> dict[str, ArrayRecord]:
-    """The downlink gradient records of some micro-batches (one bundle per micro-batch)."""
+def grad_shape(shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+    """The shape a stream's gradients of some micro-batches travel in: ``(samples, N, D)``
+    when every micro-batch is ``(B, N, D)`` with the same ``(N, D)`` (the image and
+    residual streams: a codec sees each sample's ``N x D`` matrix), else ``(rows, D)``
+    (the text stream, whose micro-batches differ in length). Codecs that work per row
+    (``none``, ``fp16``, ``topk``, ``nf``) encode both alike."""
+    if not shapes:
+        raise WireError("no micro-batch shapes")
+    if all(len(x) == 3 for x in shapes) and len({tuple(x[1:]) for x in shapes}) == 1:
+        return (sum(int(x[0]) for x in shapes), *(int(v) for v in shapes[0][1:]))
+    return (sum(int(np.prod(x[:-1])) for x in shapes), int(shapes[0][-1]))
+
+
+def grad_records(
+    cfg: SplitConfig, grads: list[Streams[torch.Tensor]], feedback: ErrorFeedback | None = None
+) -> dict[str, ArrayRecord]:
+    """The downlink gradient records of some micro-batches (one bundle per micro-batch).
+
+    With ``feedback`` (``grad-error-feedback``, one client's residuals) the residual is
+    added before compression and replaced by what this message fails to deliver; with
+    ``grad-entropy-coding`` the codec's integer codes become one ANS or zstd stream."""
     codec = cfg.grad_codec()
     out = {}
     for s, gs in Streams.zip(grads).items():
-        rows = torch.cat([g.reshape(-1, g.shape[-1]) for g in gs])
-        out[GRAD_RECORDS[s]] = arrays_to_record(codec.encode_gradient(rows))
+        shape = grad_shape([tuple(g.shape) for g in gs])
+        g = torch.cat([x.reshape(-1, *shape[1:]) for x in gs])
+        if feedback is not None:
+            g = feedback.corrected(s, g)
+        arrays = codec.encode_gradient(g)
+        if feedback is not None:
+            feedback.update(s, g, codec.decode_gradient(arrays, shape))
+        if cfg.grad_entropy_coding != "none":
+            arrays = wrap_index(arrays, [codec.gradient_index_layout(shape)], cfg.grad_entropy_coding)
+        out[GRAD_RECORDS[s]] = arrays_to_record(arrays)
     return out
 
 
 def decode_grad_records(content: RecordDict, cfg: SplitConfig, shapes: Streams[list[Shape]]) -> list[Streams[torch.Tensor]]:
     """Validate and decode the downlink gradients: one bundle per micro-batch of ``shapes``."""
     out: dict[str, list[torch.Tensor]] = {}
+    codec = cfg.grad_codec()
     for s, sh in shapes.items():
         name = GRAD_RECORDS[s]
         if name not in content.array_records:
             raise WireError(f"missing record '{name}'")
         rows = [int(np.prod(x[:-1])) for x in sh]
-        dim = sh[0][-1]
+        shape = grad_shape(sh)
         try:
-            g = cfg.grad_codec().decode_gradient(record_to_arrays(content.array_records[name]), (sum(rows), dim))
+            arrays = record_to_arrays(content.array_records[name])
+            if cfg.grad_entropy_coding != "none":
+                arrays = unwrap_index(arrays, [codec.gradient_index_layout(shape)], cfg.grad_entropy_coding)
+            g = codec.decode_gradient(arrays, shape)
         except PayloadError as err:
             raise WireError(f"{name}: {err}") from None
         if not torch.isfinite(g).all():
             raise WireError(f"{name} contain NaN or inf")
-        out[s] = [part.reshape(x) for part, x in zip(g.split(rows), sh)]
+        out[s] = [part.reshape(x) for part, x in zip(g.reshape(-1, shape[-1]).split(rows), sh)]
     return [Streams.of({s: out[s][i] for s in out}) for i in range(len(shapes.image))]
 
 

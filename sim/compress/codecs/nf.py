@@ -256,6 +256,7 @@ class NF(Codec):
     streams = frozenset({"image", "residual", "text", "gradient"})
     bit_range = (1, 8)
     integer_codes = True
+    gradient_integer_codes = True
     Settings = NFSettings
     Client, Server = NFClient, NFServer
 
@@ -280,6 +281,9 @@ class NF(Codec):
 
     def gradient_layout(self, shape: tuple[int, ...]) -> Layout:
         return self._grad_nf().layout(-(-numel(shape) // GRAD_BLOCK), GRAD_BLOCK)
+
+    def gradient_index_layout(self, shape: tuple[int, ...]) -> IndexLayout:
+        return -(-numel(shape) // GRAD_BLOCK) * GRAD_BLOCK, self.bits, 2**self.bits
 
     def encode_gradient(self, g: torch.Tensor) -> dict[str, np.ndarray]:
         flat = g.detach().reshape(-1).float().clamp(-FP16_MAX, FP16_MAX)

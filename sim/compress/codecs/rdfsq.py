@@ -27,9 +27,11 @@ Options (run-config keys ``rdfsq-stats``, ``rdfsq-send-range``, ``rdfsq-alpha``)
     so an encode and its recompute always clip identically). Before round 1 they are
     initialised from one client's features (:meth:`RDFSQClient.init_from`).
 
-* ``send_range`` — whether the clip range travels. Off (default, as the paper's public code): the
-  server sees ``C`` in [-1, 1] and its projection absorbs the scale; the payload is
-  exactly ``ceil(B*N*D*b/8)`` bytes. On: the centre ``mu`` and half-width ``3 sigma``
+* ``send_range`` — whether the clip range travels. Off (as the paper's public code, and the
+  from-scratch regime's setting): the server sees ``C`` in [-1, 1] and its projection absorbs
+  the scale; the payload is exactly ``ceil(B*N*D*b/8)`` bytes. On (default, so that a codec
+  inserted into a pretrained model starts as the identity up to quantisation,
+  docs/foundation.md): the centre ``mu`` and half-width ``3 sigma``
   go as fp16 side arrays ``side.mu``/``side.half`` (1 value each for ``global``, D
   otherwise, per micro-batch; the half-width rounded up) and the server rebuilds
   ``C * half + mu`` in the feature's own units; the client clips with the same fp16
@@ -72,9 +74,13 @@ class RDFSQSettings:
                         "running per-dimension statistics updated once per round (`ema`)", choices=STATS)
     alpha: float = option(0.0, "weight of the RD-FSQ cosine commitment loss (the paper's code uses 0.25; it lowered "
                           "accuracy here, docs/results-spine.md)", lo=0.0, hi=100.0)
-    send_range: bool = option(False, "send the RD-FSQ clip range (fp16 centre and half-width, counted as side "
-                              "information) so the server rebuilds features in their own units; off: the server "
-                              "projection absorbs the scale (the paper's code)")
+    send_range: bool = option(True, "send the RD-FSQ clip range (fp16 centre and half-width, counted as side "
+                              "information) so the server rebuilds features in their own units (a codec inserted "
+                              "into the pretrained model then starts as the identity up to quantisation); off: the "
+                              "server projection absorbs the scale (the paper's code)")
+    clip: float = option(3.0, "RD-FSQ clip range in standard deviations either side of the mean (the paper: 3); "
+                         "the 2^b grid points span it, so at few bits a narrower range quantises finer where most "
+                         "values lie (docs/compressors.md)", lo=0.1, hi=100.0)
     ema_decay: float = ema_decay_option()
 
 
@@ -132,6 +138,7 @@ class RDFSQClient(ClientCodec):
         super().__init__(spec)
         s = spec.settings
         self.levels, self.stats, self.alpha, self.send_range, self.decay = 2**self.bits, s.stats, s.alpha, s.send_range, s.ema_decay
+        self.clip = s.clip
         self.proj = nn.Linear(self.dim, self.dim)
         if self.stats == "ema":
             for name, init in (("mean", 0.0), ("var", 1.0), ("ema_mean", 0.0), ("ema_var", 1.0)):
@@ -153,7 +160,7 @@ class RDFSQClient(ClientCodec):
         """``(mu, half)`` of the clip range for projected features ``z``; constants for autograd."""
         if self.stats != "ema":
             mu, sigma = batch_stats(z.detach(), self.stats)
-            return mu, (3.0 * sigma).clamp_min(_MIN_HALF)
+            return mu, (self.clip * sigma).clamp_min(_MIN_HALF)
         if not bool(self.initted):
             raise RuntimeError("rdfsq ema statistics are not initialised: call init_from(features) or load a state")
         if self.training and torch.is_grad_enabled():  # the recompute before an optimiser step
@@ -161,7 +168,7 @@ class RDFSQClient(ClientCodec):
                 m, s = batch_stats(z.detach(), "per-dim")
                 self.ema_mean.mul_(self.decay).add_((1 - self.decay) * m)
                 self.ema_var.mul_(self.decay).add_((1 - self.decay) * s**2)
-        return self.mean.clone(), (3.0 * self.var.clamp_min(0).sqrt()).clamp_min(_MIN_HALF)
+        return self.mean.clone(), (self.clip * self.var.clamp_min(0).sqrt()).clamp_min(_MIN_HALF)
 
     # ---- codec ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> Encoded:  # (B,N,D) -> Encoded

@@ -222,7 +222,7 @@ class VQServer(ServerCodec):
         index = unpack_codes(arrays["codes.index"], self.bits, count)
         if count and int(index.max()) >= self.size:
             raise PayloadError(f"vq index {int(index.max())} >= codebook size {self.size}")
-        return lookup(self.codebook, torch.from_numpy(index)).reshape(shape)
+        return lookup(self.codebook, torch.from_numpy(index).to(self.codebook.device)).reshape(shape)
 
     def load_synced(self, state: dict[str, torch.Tensor], prefix: str = "") -> None:
         self.load_codebook(codebook_from_state(state, prefix))
