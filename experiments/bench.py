@@ -37,6 +37,7 @@ import pandas as pd
 from . import bench_codecs, bench_sim
 from .bench_profile import profile_exchange
 from .common import SCRATCH
+from .common import table_cell as _fmt
 
 TARGETS = {  # figure -> (comparison, target, what the headline value is)
     "P1": (">=", 0.90, "median sim/reference throughput at the from-scratch config (the former default)"),
@@ -204,16 +205,6 @@ def _table(df: pd.DataFrame, columns: list[str]) -> str:
     for _, r in df[cols].iterrows():
         out.append("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")
     return "\n".join(out)
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        if v != v:
-            return ""
-        if abs(v) >= 1000 or v.is_integer():
-            return f"{v:,.0f}"
-        return f"{v:#.4g}".rstrip(".")
-    return str(v)
 
 
 def write_report(df: pd.DataFrame, out: Path, info: dict, command: str, wall_s: float) -> None:

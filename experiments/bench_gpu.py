@@ -162,7 +162,7 @@ def run(quick: bool, out: Path, batch: int = 1, device: str = "auto", repeats: i
 
 
 def write_report(df: pd.DataFrame, out: Path, command: str, wall_s: float, device: str) -> None:
-    from .real_size import fmt as _fmt
+    from .common import table_cell as _fmt
     from .real_size import machine_info
 
     out.mkdir(parents=True, exist_ok=True)

@@ -344,6 +344,18 @@ def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else math.nan, int(v.size)
 
 
+def table_cell(v) -> str:
+    """A Markdown table cell: large or whole floats with thousands separators, other floats
+    to 4 significant digits, NaN empty, anything else as ``str``."""
+    if isinstance(v, float):
+        if v != v:
+            return ""
+        if abs(v) >= 1000 or v.is_integer():
+            return f"{v:,.0f}"
+        return f"{v:#.4g}".rstrip(".")
+    return str(v)
+
+
 def fmt_pm(mean: float, std: float, scale: float = 100.0, digits: int = 1) -> str:
     """``"mean ± std"`` (scaled, e.g. to percent); just the mean when the std is undefined."""
     if mean != mean:

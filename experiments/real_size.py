@@ -319,19 +319,9 @@ def machine_info() -> dict:
     }
 
 
-def fmt(v) -> str:
-    """A table cell: integers with thousands separators, floats to 4 significant digits."""
-    if isinstance(v, float):
-        if math.isnan(v):
-            return ""
-        if abs(v) >= 1000 or v.is_integer():
-            return f"{v:,.0f}"
-        return f"{v:#.4g}".rstrip(".")
-    return str(v)
-
-
 def write_report(df: pd.DataFrame, out: Path, command: str, wall_s: float, quick: bool) -> None:
-    _fmt = fmt
+    from .common import table_cell as _fmt
+
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "real_size.csv", index=False)
     info = machine_info()
