@@ -79,8 +79,8 @@ class RDFSQSettings:
                               "into the pretrained model then starts as the identity up to quantisation); off: the "
                               "server projection absorbs the scale (the paper's code)")
     clip: float = option(3.0, "RD-FSQ clip range in standard deviations either side of the mean (the paper: 3); "
-                         "the 2^b grid points span it, so at few bits a narrower range quantises finer where most "
-                         "values lie (docs/compressors.md)", lo=0.1, hi=100.0)
+                         "the 2^b grid points span it; 1.5 and 2 were no better at b = 2 on the default job "
+                         "(docs/results-foundation.md)", lo=0.1, hi=100.0)
     ema_decay: float = ema_decay_option()
 
 
