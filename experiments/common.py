@@ -127,6 +127,13 @@ class RunSpec:
     clients: int
     overrides: tuple[tuple[str, object], ...]
 
+    @property
+    def label(self) -> str:
+        return f"{self.method} b={self.bits} seed={self.seed}"
+
+    def run(self) -> dict[str, object]:
+        return run_one(self)
+
     def config(self):
         from sim.config import SplitConfig
 
@@ -282,14 +289,14 @@ def done_keys(path: Path) -> set[str]:
         raise ValueError(f"{path}: not a results CSV with a 'key' column ({err}); move it away to start over") from None
 
 
-def append_row(path: Path, row: dict[str, object]) -> None:
+def append_row(path: Path, row: dict[str, object], columns: tuple[str, ...] = RESULT_COLUMNS) -> None:
     """Append one row (header first if the file is new); the file is never rewritten."""
     new = not path.exists()
     with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
+        w = csv.DictWriter(f, fieldnames=columns)
         if new:
             w.writeheader()
-        w.writerow({k: row.get(k, "") for k in RESULT_COLUMNS})
+        w.writerow({k: row.get(k, "") for k in columns})
 
 
 def add_table_row(path: Path, row: dict[str, object]) -> None:
@@ -301,8 +308,16 @@ def add_table_row(path: Path, row: dict[str, object]) -> None:
     table.to_csv(path, index=False)
 
 
-def run_grid(specs: list[RunSpec], csv_path: Path, jobs: int, on_row: Callable[[dict], None] | None = None) -> list[str]:
+def _run_spec(spec) -> dict[str, object]:
+    return spec.run()
+
+
+def run_grid(specs: list, csv_path: Path, jobs: int, on_row: Callable[[dict], None] | None = None,
+             columns: tuple[str, ...] = RESULT_COLUMNS) -> list[str]:
     """Run the specs whose key is not in ``csv_path`` yet, ``jobs`` at a time; append each row as it finishes.
+
+    A spec has ``key()``, ``run()`` (its row) and ``label`` (:class:`RunSpec`; the traffic
+    study's ``TrafficSpec``); ``columns`` are the CSV's.
 
     Returns the error messages of failed runs (those leave no row, so a rerun retries them)."""
     done = done_keys(csv_path)
@@ -312,24 +327,24 @@ def run_grid(specs: list[RunSpec], csv_path: Path, jobs: int, on_row: Callable[[
     if not todo:
         return errors
 
-    def finish(spec: RunSpec, get: Callable[[], dict]) -> None:
+    def finish(spec, get: Callable[[], dict]) -> None:
         try:
             row = get()
         except Exception as err:  # a failed run must not stop the others; it is reported and retried next time
-            msg = f"{spec.method} b={spec.bits} seed={spec.seed}: {type(err).__name__}: {err}"
+            msg = f"{spec.label}: {type(err).__name__}: {err}"
             log.error("run failed: %s", msg)
             errors.append(msg)
             return
-        append_row(csv_path, row)
+        append_row(csv_path, row, columns)
         if on_row is not None:
             on_row(row)
 
     if jobs <= 1:
         for s in todo:
-            finish(s, lambda s=s: run_one(s))
+            finish(s, s.run)
         return errors
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(run_one, s): s for s in todo}
+        futures = {pool.submit(_run_spec, s): s for s in todo}
         for fut in as_completed(futures):
             finish(futures[fut], fut.result)
     return errors

@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import SCRATCH
 from sim.compress import codec_names, get_codec, make_codec
 from sim.compress.base import PayloadError
 from sim.compress.codecs.nf import qlora_codebook
@@ -211,4 +212,5 @@ def test_config_builds_the_gradient_codec():
     ref = codec("nf", 4)
     got, want = c.encode_gradient(g), ref.encode_gradient(g)
     assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
-    assert SplitConfig().grad_codec().name == "none"  # the default: fp32
+    assert SplitConfig().grad_codec().name == "lowrank"  # the default job's (experiments/results/traffic.md)
+    assert SplitConfig.from_run_config(SCRATCH).grad_codec().name == "none"  # the from-scratch regime: fp32

@@ -203,3 +203,52 @@ def test_foundation_experiment_pairs_split_and_centralised_runs(quick_ckpt, tmp_
     rts = [client_runtime(cfg, p, 2) for p in range(2)]
     expected = np.concatenate([micro_batch(rt, 2, 1) for rt in rts])
     assert np.array_equal(central.step_batch(2, 1), expected)
+
+
+def test_frozen_client_half_gets_no_gradients_after_alignment(quick_ckpt, tmp_path):
+    """client-finetune=frozen: after the align round no gradient goes down and no weight comes
+    back (the ledger), the client weights stay as the align round left them, the LLM still
+    trains, and the trained mode sends gradients in the same rounds."""
+    from sim.training.reference import reference_engine, reference_transport
+    from sim.training.server import initial_client_weights
+
+    cfg = finetune_cfg(quick_ckpt, tmp_path, stage="both", num_server_rounds=3, align_rounds=1, local_steps=3,
+                       steps_per_exchange=2, client_finetune="frozen")
+    after_round: dict[int, dict[str, torch.Tensor]] = {}
+    engine = None
+
+    def keep(report):
+        after_round[report.round] = {k: v.clone() for k, v in engine.global_weights.items()}
+
+    engine = reference_engine(cfg, evaluate_rounds=False, on_round=keep)
+    llm_before = _llm_weights(engine.server.model)
+    with reference_transport(cfg, 2) as transport:
+        engine.run(transport, initial_client_weights(cfg), cfg.num_server_rounds, cfg.exchange_timeout_s)
+    for rnd in (2, 3):
+        for k, v in after_round[1].items():
+            assert torch.equal(after_round[rnd][k], v), (rnd, k)
+    assert any(not torch.equal(engine.server.model.llm.state_dict()[k], v) for k, v in llm_before.items())
+    rows = [r for r in engine.ledger.rows if r.kind == "train.split_step"]
+    frozen = [r for r in rows if r.round >= 2]
+    assert sorted({r.exchange for r in frozen}) == [0, 1]  # one exchange per chunk of 2 steps, no weights exchange
+    assert sorted({r.exchange for r in rows if r.round == 1}) == [0, 1, 2]
+    weights_down = max(r.payload_bytes for r in frozen if r.direction == "down" and r.exchange == 0)
+    assert all(r.payload_bytes == 0 for r in frozen if r.direction == "down" and r.exchange > 0)
+    up_frozen = [r for r in frozen if r.direction == "up"]
+    assert all(r.samples > 0 for r in up_frozen)  # every reply carries codes, none only weights
+    assert weights_down > 0
+    trained = run_reference(cfg.replace(client_finetune="train"), 2, evaluate_rounds=False)
+    down_later = [r for r in trained.ledger.rows if r.round >= 2 and r.direction == "down" and r.exchange > 0]
+    assert all(r.payload_bytes > 0 for r in down_later)  # gradients
+    total = {"frozen": engine.ledger.totals(), "train": trained.ledger.totals()}
+    assert total["frozen"]["downlink_payload_bytes"] < total["train"]["downlink_payload_bytes"]
+    assert total["frozen"]["uplink_payload_bytes"] < total["train"]["uplink_payload_bytes"]  # no weights back
+
+
+def test_frozen_client_trains_in_every_align_round():
+    """client-finetune freezes the client half in fine-tuning rounds only; stage=align trains it throughout."""
+    cfg = SplitConfig.from_run_config({"stage": "both", "align-rounds": 2, "num-server-rounds": 4, "client-finetune": "frozen"})
+    assert [cfg.client_trains_at(r) for r in (1, 2, 3, 4)] == [True, True, False, False]
+    align = SplitConfig.from_run_config({"stage": "align", "client-finetune": "frozen"})
+    assert all(align.client_trains_at(r) for r in (1, 2, 3))
+    assert all(cfg.replace(client_finetune="train").client_trains_at(r) for r in (1, 2, 3, 4))

@@ -90,6 +90,12 @@ DEFAULT_BUDGET: dict[str, int] = {
     "warmup-steps": 10,
     "align-batch-size": 8,
 }
+# The default job's downlink, chosen by `python -m experiments.traffic` (issue 17,
+# experiments/results/traffic.md): the align round's gradients as rank-4 factors, then the
+# client half frozen (no gradients at all): 0.4 points below fp32 gradients down, paired
+# over 3 seeds, at about a tenth of the bytes.
+DEFAULT_GRAD_COMPRESSOR = "lowrank"
+DEFAULT_CLIENT_FINETUNE = "frozen"
 
 # The from-scratch regime: the values the default job changed (random initialisation,
 # synthetic data, the finetune stage and the old budget; RD-FSQ's `rdfsq-send-range`, a
@@ -99,7 +105,7 @@ DEFAULT_BUDGET: dict[str, int] = {
 FROM_SCRATCH: dict[str, object] = {
     "init": SCRATCH, "dataset": "synthetic", "stage": "finetune",
     "num-server-rounds": 10, "local-steps": 200, "steps-per-exchange": 20, "warmup-steps": 100,
-    "align-batch-size": 32, "rdfsq-send-range": False,
+    "align-batch-size": 32, "rdfsq-send-range": False, "grad-compressor": "none", "client-finetune": "train",
 }
 
 S = Setting
@@ -150,7 +156,7 @@ CORE: tuple[Setting, ...] = (
     S("residual-bits", 4, "bits of the transmitted residual (the residual codec's range)"),
     S("entropy-coding", "none", "`ans` (constriction ANS, one histogram per message) or `zstd` on the integer codes "
       "of every stream whose codec has them; bytes counted as sent", choices=("none", "ans", "zstd")),
-    S("grad-compressor", "none", "codec of the downlink gradients (a codec serving the gradient stream; `none`: fp32)",
+    S("grad-compressor", DEFAULT_GRAD_COMPRESSOR, "codec of the downlink gradients (a codec serving the gradient stream; `none`: fp32)",
       choices=lambda: codec_names("gradient"), allowed_text="a codec serving `gradient`"),
     S("grad-bits", 4, "bits of the downlink gradient codec (its range)"),
     S("grad-entropy-coding", "none", "`ans` (constriction ANS, one histogram per message) or `zstd` on the downlink "
@@ -167,6 +173,13 @@ CORE: tuple[Setting, ...] = (
     S("text-bits", 0, "bits of the quantised text (0 = `bits`)", lo=0, hi=16),
     S("feature-noise", 0.0, "sigma of Gaussian noise the client adds to its pre-quantisation features (a privacy "
       "defence; seeded per image, 0 = off; docs/privacy.md)", lo=0.0, hi=1e6),
+    S("feature-noise-clip", 0.0, "L2 bound C on each image's pre-quantisation features before the noise (0 = off); "
+      "with C > 0 the noise is fresh per release and summary.json reports its (ε, δ) (docs/privacy.md)",
+      lo=0.0, hi=1e6),
+    S("feature-noise-delta", 1e-5, "the δ at which summary.json reports the feature noise's ε", lo=0.0, hi=0.5,
+      lo_open=True),
+    S("nopeek-weight", 0.0, "NoPeek's lambda: the client adds lambda·dCor(pixels, pre-compressor features) to its "
+      "training loss (a privacy defence, arXiv 2008.09161; 0 = off; docs/privacy.md)", lo=0.0, hi=1e6),
     S("image-position", "after-question", "`after-question` (image tokens right after the first question), "
       "`before-last-token` (the same, but the question's last token follows the image and reads the answer out) or "
       "`first` (LLaVA order)", choices=IMAGE_POSITIONS),
@@ -198,6 +211,10 @@ CORE: tuple[Setting, ...] = (
     S("stage", DEFAULT_STAGE, "what trains (TinyLLaVA's two stages): `align` (connector + compressor, the LLM frozen; "
       "`align-lr`, `align-batch-size`), `finetune` (the LLM too, full or LoRA; `lr`, `batch-size`) or `both` "
       "(`align-rounds` rounds of `align`, then `finetune`)", choices=STAGES),
+    S("client-finetune", DEFAULT_CLIENT_FINETUNE, "what the client half does in the `finetune` stage: `train` (the connector and "
+      "compressor keep learning from the downlink's gradients) or `frozen` (they stay as the align stage left them: "
+      "the server sends no gradients and the clients send no weights back; docs/compressors.md)",
+      choices=("train", "frozen")),
     S("align-rounds", DEFAULT_BUDGET["align-rounds"], "rounds of the align stage when `stage=both`", lo=1, hi=100_000),
     S("align-lr", 5e-4, "peak learning rate of the align stage (Quantized-TinyLLaVA: 5e-4)", lo=0.0, hi=10.0,
       lo_open=True),

@@ -125,6 +125,11 @@ class _SplitConfigMethods:
             return "align" if rnd <= self.align_rounds else "finetune"
         return self.stage
 
+    def client_trains_at(self, rnd: int) -> bool:
+        """Whether the client half trains in round ``rnd``: always in ``align``; in
+        ``finetune`` unless ``client-finetune=frozen`` (then no gradients go down)."""
+        return self.stage_at(rnd) == "align" or self.client_finetune == "train"
+
     def batch_size_at(self, rnd: int) -> int:
         """The micro-batch size of round ``rnd``: ``align-batch-size`` in the align stage, else ``batch-size``."""
         return self.align_batch_size if self.stage_at(rnd) == "align" else self.batch_size

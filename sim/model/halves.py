@@ -21,6 +21,7 @@ holds one codec half per active stream; they cross as :class:`~sim.compress.stre
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,7 +36,8 @@ from sim.config import SplitConfig, active_streams
 from sim.data.tokenizer import get_tokenizer
 
 from .device import autocast, enable_checkpointing, full_precision, module_device
-from .feature_noise import add_feature_noise
+from .feature_noise import FeatureRelease, add_feature_noise
+from .nopeek import nopeek_loss
 from .pretrained import load_connector
 from .towers import (
     build_llm, build_vision_tower, llm_hidden_size, make_connector, patch_tokens, stream_width, vision_hidden_size,
@@ -51,6 +53,7 @@ class ClientBatch:
 
     pixels: torch.Tensor  # (B,3,H,W)
     text: list[np.ndarray] | None = None
+    release: FeatureRelease | None = None  # its tag and feature-noise-clip bound (sim/model/feature_noise.py)
 
 
 class ClientModel(nn.Module):
@@ -68,11 +71,12 @@ class ClientModel(nn.Module):
     def __init__(
         self, tower: PreTrainedModel, llm_dim: int, codecs: Streams[ClientCodec], train_tower: bool,
         feature_noise: float = 0.0, noise_seed: int = 0, *, split_block: int | None = None,
-        text_embed: nn.Embedding | None = None, precision: str = "fp32",
+        text_embed: nn.Embedding | None = None, precision: str = "fp32", nopeek_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.precision = precision
         self.feature_noise, self.noise_seed = feature_noise, noise_seed  # privacy defence, 0 = off
+        self.nopeek_weight = nopeek_weight  # NoPeek's lambda (sim/model/nopeek.py), 0 = off
         self.split_block = split_block
         if split_block is None:
             vdim = tower.config.hidden_size
@@ -105,10 +109,11 @@ class ClientModel(nn.Module):
         """(B,3,H,W) -> (B,N,D): the image features at the split point, before compression."""
         return self.split_features(pixels)[0]
 
-    def noisy(self, x: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
-        """The features as sent: with ``feature-noise``, seeded noise per image (sim/model/feature_noise.py)."""
-        if self.feature_noise > 0:
-            return add_feature_noise(x, pixels, self.feature_noise, self.noise_seed)
+    def noisy(self, x: torch.Tensor, pixels: torch.Tensor, release: FeatureRelease | None = None) -> torch.Tensor:
+        """The features as sent: with ``feature-noise``, seeded noise per image; with a ``release``
+        clipping bound, clipped and fresh noise per release (sim/model/feature_noise.py)."""
+        if self.feature_noise > 0 or (release is not None and release.clip > 0):
+            return add_feature_noise(x, pixels, self.feature_noise, self.noise_seed, release)
         return x
 
     def text_tokens(self, seqs: list[np.ndarray]) -> torch.Tensor:
@@ -126,16 +131,34 @@ class ClientModel(nn.Module):
             if batch.text is None:
                 raise ValueError("text-mode=quantized needs the token ids of the micro-batch")
             text = self.text_tokens(batch.text)
-        return Streams(self.noisy(x, batch.pixels), residual if self.residual_codec is not None else None, text)
+        return Streams(self.noisy(x, batch.pixels, batch.release), residual if self.residual_codec is not None else None, text)
 
     def forward(self, pixels: torch.Tensor) -> Encoded:
         """The image stream only: (B,3,H,W) -> Encoded."""
         return self.codec(self.noisy(self.features(pixels), pixels))
 
     def encode(self, batch: ClientBatch) -> Streams[Encoded]:
-        """Every active stream of one micro-batch."""
+        """Every active stream of one micro-batch; with ``nopeek-weight`` the image stream's
+        aux loss also holds NoPeek's term (:meth:`with_nopeek`)."""
         codecs = self.codecs()
-        return self.stream_inputs(batch).map(lambda s, x: codecs[s](x))
+        inputs = self.stream_inputs(batch)
+        encs = inputs.map(lambda s, x: codecs[s](x))
+        return dataclasses.replace(encs, image=self.with_nopeek(encs.image, batch.pixels, inputs.image))
+
+    def with_nopeek(self, enc: Encoded, pixels: torch.Tensor, y: torch.Tensor) -> Encoded:
+        """``enc`` with ``lambda * dCor(pixels, y)`` added to its aux loss (NoPeek, arXiv
+        2008.09161; sim/model/nopeek.py, docs/privacy.md), only while training with gradients
+        on: the recompute before the optimiser step (sim/training/split_step.py) is where the
+        term is minimised and where the reported aux loss comes from; the no-grad encode for
+        the wire and evaluation leave ``enc`` as it is, so the bytes sent never depend on it.
+
+        ``y`` is what the codec receives (after ``feature-noise``), not the decoded
+        ``y_hat``: it is the cut-layer activation NoPeek decorrelates, the codes and ``y_hat``
+        are computed from it, and its gradient does not pass a codec's straight-through or
+        zero-gradient quantiser, so one ``lambda`` means the same for every codec and width."""
+        if self.nopeek_weight <= 0 or not (self.training and torch.is_grad_enabled()):
+            return enc
+        return dataclasses.replace(enc, aux_loss=enc.aux_loss + nopeek_loss(pixels, y, self.nopeek_weight))
 
     @torch.no_grad()
     def init_codecs(self, batches: list[ClientBatch]) -> bool:
@@ -277,7 +300,8 @@ def build_client_model(cfg: SplitConfig, vocab_size: int | None = None, device: 
             enable_checkpointing(tower)
         codecs = _codec_halves(cfg).map(lambda _, h: h[0])
         model = ClientModel(tower, llm_hidden_size(cfg), codecs, cfg.trains_vision_tower, cfg.feature_noise, cfg.seed,
-                            split_block=cfg.split_block, text_embed=text_embed, precision=cfg.precision)
+                            split_block=cfg.split_block, text_embed=text_embed, precision=cfg.precision,
+                            nopeek_weight=cfg.nopeek_weight)
     if cfg.init_dir is not None and cfg.split_block is None:
         load_connector(cfg.init_dir, model.connector)
     return model if device is None else model.to(device)

@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from sim.config import SplitConfig  # noqa: E402
+from sim.training.feature_dp import feature_dp_summary  # noqa: E402
 from sim.wire.ledger import Ledger, LedgerRow, NetworkModel, network_seconds_per_round  # noqa: E402
 
 METRIC_COLUMNS = (
@@ -123,6 +124,7 @@ class RunRecorder:
         }
         summary["sim_total_s"] = round(summary["compute_s"] + ledger.sim_network_s, 3)
         summary["time_to_accuracy_s"] = time_to_accuracy(metrics, ledger.rows, self.cfg.rtt_ms)
+        summary.update(feature_dp_summary(self.cfg, self.clients))  # (ε, δ) of feature-noise, docs/privacy.md
         summary.update(extra or {})
         write_json_atomic(self.dir / "summary.json", summary)
         plot_run(self.dir)
@@ -131,6 +133,18 @@ class RunRecorder:
 
 TTA_BANDWIDTHS_MBPS = (1, 10, 100)  # symmetric links the summary's time-to-accuracy is given at
 TTA_FRACTIONS = (90, 95, 99)  # per cent of the final accuracy
+
+
+def simulated_clock(rounds: list[int], computes: list[float], rows: list[LedgerRow], network: NetworkModel) -> list[float]:
+    """The simulated time at the end of each round: the rounds' measured compute plus their
+    exchanges' network time under ``network``, recomputed from the ledger rows; the clock
+    starts before the codec initialisation (round 0: its network time counts)."""
+    net = network_seconds_per_round(rows, network)
+    clock, elapsed = net.get(0, 0.0), []
+    for rnd, compute in zip(rounds, computes):
+        clock += float(compute) + net.get(int(rnd), 0.0)
+        elapsed.append(clock)
+    return elapsed
 
 
 def time_to_accuracy(
@@ -149,13 +163,9 @@ def time_to_accuracy(
     out: dict[str, dict[str, float | None]] = {}
     acc = [float(a) for a in metrics["accuracy"]] if len(metrics) else []
     final = acc[-1] if acc else math.nan
+    computes = metrics["compute_s"] if "compute_s" in metrics else [0.0] * len(metrics)
     for bw in bandwidths:
-        net = network_seconds_per_round(rows, NetworkModel(float(bw), rtt_ms))
-        clock, elapsed = net.get(0, 0.0), []
-        computes = metrics["compute_s"] if "compute_s" in metrics else [0.0] * len(metrics)
-        for rnd, compute in zip(metrics["round"], computes):
-            clock += float(compute) + net.get(int(rnd), 0.0)
-            elapsed.append(clock)
+        elapsed = simulated_clock(list(metrics["round"]), list(computes), rows, NetworkModel(float(bw), rtt_ms))
         key = f"{bw:g}mbps"
         out[key] = {}
         for pct in fractions:

@@ -23,6 +23,7 @@ from sim.data.batches import TextBatch, TokenisedExamples, eval_text, pixels, st
 from sim.data.tokenizer import get_tokenizer
 from sim.model import ClientBatch, ClientModel, build_client_model, client_state, image_token_count, load_client_state
 from sim.model.device import client_device, configure_determinism
+from sim.model.feature_noise import FeatureRelease
 from sim.model.processor import image_processor
 
 from .schedule import lr_at, make_optimiser
@@ -124,13 +125,25 @@ def micro_batch(rt: ClientRuntime, rnd: int, step: int) -> np.ndarray:
     return rt.train_idx[local]
 
 
-def client_batch(rt: ClientRuntime, idx: np.ndarray, text: list[np.ndarray] | None = None) -> ClientBatch:
+def release_tag(rt: ClientRuntime, kind: str, rnd: int, step: int = 0) -> str:
+    """The name of one release of a micro-batch's features (``kind``: train, eval, init): a
+    micro-batch and its recompute share it, every other release has its own, so with
+    ``feature-noise-clip`` each draws fresh noise (sim/model/feature_noise.py)."""
+    return f"{kind}/p{rt.partition}/r{rnd}/s{step}"
+
+
+def client_batch(rt: ClientRuntime, idx: np.ndarray, text: list[np.ndarray] | None = None,
+                 tag: str | None = None) -> ClientBatch:
     """The micro-batch of examples ``idx``; with ``text-mode=quantized`` also its token ids
-    (the whole sequences unless ``text`` gives others, e.g. evaluation prompts)."""
+    (the whole sequences unless ``text`` gives others, e.g. evaluation prompts). ``tag``
+    (:func:`release_tag`) names the release; ``feature-noise-clip > 0`` needs it."""
     if rt.cfg.text_mode == "quantized" and text is None:
         text = [rt.data.ids[i] for i in idx]
+    if rt.cfg.feature_noise_clip > 0 and tag is None:
+        raise ValueError("feature-noise-clip > 0 needs the release tag of the micro-batch")
     px = pixels(rt.data, idx, image_processor(rt.cfg)).to(rt.model.device)
-    return ClientBatch(px, text if rt.cfg.text_mode == "quantized" else None)
+    release = FeatureRelease(tag, rt.cfg.feature_noise_clip) if tag is not None else None
+    return ClientBatch(px, text if rt.cfg.text_mode == "quantized" else None, release)
 
 
 def on_cpu(enc: Encoded) -> Encoded:
@@ -153,7 +166,7 @@ def encode_steps(rt: ClientRuntime, rnd: int, steps: list[int]) -> Encodings:
     with torch.no_grad():
         for s in steps:
             idx = micro_batch(rt, rnd, s)
-            encs = rt.model.encode(client_batch(rt, idx))
+            encs = rt.model.encode(client_batch(rt, idx, tag=release_tag(rt, "train", rnd, s)))
             payloads.append(pack_streams(rt, encs))
             texts.append(train_text(rt.data, idx, rt.pad_id))
             aux.append(float(sum(e.aux_loss for e in encs.values())))
@@ -165,7 +178,7 @@ def apply_steps(rt: ClientRuntime, rnd: int, steps: list[int], grads: list[Strea
     one per stream)."""
     if len(steps) != len(grads):
         raise ValueError(f"{len(grads)} gradients for {len(steps)} steps")
-    batches = [client_batch(rt, micro_batch(rt, rnd, s)) for s in steps]
+    batches = [client_batch(rt, micro_batch(rt, rnd, s), tag=release_tag(rt, "train", rnd, s)) for s in steps]
     return client_apply_grads(rt.model, rt.opt, batches, grads, [lr_at(rt.cfg, rnd, s) for s in steps], rt.cfg.grad_clip)
 
 
@@ -183,7 +196,8 @@ def init_batches(rt: ClientRuntime) -> int:
 def init_codec_state(rt: ClientRuntime) -> dict[str, torch.Tensor]:
     """Run the codecs' data-dependent initialisation (AlignedVQ k-means, RD-FSQ EMA
     statistics) on this client's own micro-batches; returns the client state."""
-    batches = [client_batch(rt, micro_batch(rt, INIT_ROUND, s)) for s in range(init_batches(rt))]
+    batches = [client_batch(rt, micro_batch(rt, INIT_ROUND, s), tag=release_tag(rt, "init", INIT_ROUND, s))
+               for s in range(init_batches(rt))]
     rt.model.init_codecs(batches)
     return get_weights(rt)
 
@@ -195,16 +209,17 @@ def eval_indices(rt: ClientRuntime) -> tuple[np.ndarray, int]:
     return rt.test_idx[np.arange(total) % n], n
 
 
-def encode_eval(rt: ClientRuntime) -> tuple[list[Streams[Payload]], list[np.ndarray], list[np.ndarray], np.ndarray, np.ndarray, int]:
+def encode_eval(rt: ClientRuntime, rnd: int) -> tuple[list[Streams[Payload]], list[np.ndarray], list[np.ndarray], np.ndarray, np.ndarray, int]:
     """Codes of the local test set (in micro-batches; with ``text-mode=quantized`` the text
     stream holds the prompts of the micro-batch's real samples), prompts, answers,
-    first-question lengths and question types."""
+    first-question lengths and question types, for the evaluation of round ``rnd`` (one
+    release: a test image padded in twice gets the same noise)."""
     idx, n = eval_indices(rt)
     prompts, answers = eval_text(rt.data, idx[:n])
     payloads = []
     with torch.no_grad():
         for start in range(0, len(idx), rt.cfg.batch_size):
             chunk = idx[start : start + rt.cfg.batch_size]
-            batch = client_batch(rt, chunk, prompts[start : start + rt.cfg.batch_size])
+            batch = client_batch(rt, chunk, prompts[start : start + rt.cfg.batch_size], release_tag(rt, "eval", rnd))
             payloads.append(pack_streams(rt, rt.model.encode(batch)))
     return payloads, prompts, answers, rt.data.first_turn_len[idx[:n]], rt.data.qtype[idx[:n]], n

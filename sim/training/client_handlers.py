@@ -103,7 +103,7 @@ def client_train(content: RecordDict, state: RecordDict, node: NodeIdentity) -> 
 
 def evaluate_runtime(rt: ClientRuntime, rnd: int, partition: int) -> RecordDict:
     """The ``evaluate.split_infer`` reply of a runtime that holds the weights to evaluate."""
-    payloads, prompts, answers, splits, qtypes, _ = encode_eval(rt)
+    payloads, prompts, answers, splits, qtypes, _ = encode_eval(rt, rnd)
     return eval_reply(rt.cfg, rnd, partition, rt.vocab_size, rt.model.codecs(), payloads, prompts, answers, splits,
                       qtypes, rt.bad_records)
 

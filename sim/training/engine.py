@@ -10,6 +10,8 @@ reference trainer, the experiments and the privacy study run it in process
     exchange e   : grads of chunk e-1 down; codes of chunk e up   (fused)
                    -> server: one LLM step per micro-batch on all clients' concatenation
     last         : grads of the last chunk down; updated client weights up
+                 (a round whose client half is frozen, ``client-finetune=frozen``: no
+                 grads and no last exchange; the global weights stay as they were)
     FedAvg       sample-weighted, float64, in partition order; the codecs fold their
                  synced state (AlignedVQ codebook, RD-FSQ EMA statistics)
     evaluate     evaluate.split_infer on fraction-evaluate of the live clients; exact match
@@ -178,7 +180,7 @@ class RoundEngine:
     def round_requests(self, rnd: int, weights: Weights) -> list[Message]:
         """Exchange 0 of a round, to the sampled live clients: weights + config down,
         encode the first chunk."""
-        apply, encode = exchange_schedule(self.cfg)[0]
+        apply, encode = exchange_schedule(self.cfg, rnd)[0]
         self._weights = weight_spec(weights)
         live = sorted(self.live)
         sampled = sample_partitions(live, self.cfg, rnd) if live else []
@@ -190,8 +192,9 @@ class RoundEngine:
 
     def train_round(self, transport: Transport, rnd: int, weights: Weights, timeout: float) -> tuple[RoundReport, Weights | None]:
         """The exchanges of one round; returns its report and the FedAvg'd weights (None if
-        no client finished)."""
-        schedule = exchange_schedule(self.cfg)
+        no client finished, or if the client half is frozen this round: nothing changed)."""
+        schedule = exchange_schedule(self.cfg, rnd)
+        trains = self.cfg.client_trains_at(rnd)  # else no gradients go down and no weights come back
         self.feedback = {}  # every client starts a round without error-feedback residuals
         msgs = self.round_requests(rnd, weights)
         sampled = [self._partition_of(m.metadata.dst_node_id) for m in msgs]
@@ -205,7 +208,7 @@ class RoundEngine:
                         "the global weights stay as they were", rnd, len(sampled), len(self.live), self.cfg.min_train_clients)
             schedule, dropped = [], {p: "round skipped: too few clients" for p in sampled}
         for e, (apply, encode) in enumerate(schedule):
-            final = e == len(schedule) - 1
+            final = trains and e == len(schedule) - 1
             failed: dict[int, str] = {}
             replies = self._exchange(transport, msgs, rnd, e, TRAIN, timeout, failed)
             for p in list(active):
@@ -243,9 +246,12 @@ class RoundEngine:
                 break
             losses += step_losses
             samples += len(encode) * self.cfg.batch_size_at(rnd) * len(active)
+            if e == len(schedule) - 1:  # a frozen round's last chunk: nothing to send back
+                break
             nxt_apply, nxt_encode = schedule[e + 1]
             msgs = [
-                Message(train_request(self.cfg, rnd, e + 1, nxt_apply, nxt_encode, e + 1 == len(schedule) - 1, grads=grads[i],
+                Message(train_request(self.cfg, rnd, e + 1, nxt_apply, nxt_encode, trains and e + 1 == len(schedule) - 1,
+                                      grads=grads[i] if trains else None,
                                       feedback=self._feedback(p)),
                         dst_node_id=self.partitions[p], message_type=TRAIN)
                 for i, p in enumerate(active)

@@ -79,13 +79,18 @@ def sample_partitions(partitions: list[int], cfg: SplitConfig, rnd: int, evaluat
     return sorted(int(p) for p in rng.choice(sorted(partitions), size=k, replace=False))
 
 
-def exchange_schedule(cfg: SplitConfig) -> list[tuple[list[int], list[int]]]:
-    """Per exchange of a round: (steps whose gradients are applied, steps encoded).
+def exchange_schedule(cfg: SplitConfig, rnd: int = 1) -> list[tuple[list[int], list[int]]]:
+    """Per exchange of round ``rnd``: (steps whose gradients are applied, steps encoded).
 
     ``local-steps`` micro-batches in chunks of ``steps-per-exchange``; exchange ``e``
-    applies chunk ``e-1`` and encodes chunk ``e``; the last one only applies."""
+    applies chunk ``e-1`` and encodes chunk ``e``; the last one only applies (and brings
+    the updated weights back). In a round where the client half is frozen
+    (``client-finetune=frozen``) nothing is applied and nothing comes back: one exchange
+    per chunk, each only encodes."""
     steps = list(range(cfg.local_steps))
     chunks = [steps[i : i + cfg.steps_per_exchange] for i in range(0, len(steps), cfg.steps_per_exchange)]
+    if not cfg.client_trains_at(rnd):
+        return [([], chunk) for chunk in chunks]
     return [([] if e == 0 else chunks[e - 1], chunks[e] if e < len(chunks) else []) for e in range(len(chunks) + 1)]
 
 
@@ -95,16 +100,18 @@ def server_steps(
     """Run the server steps of one exchange (micro-batch steps ``steps`` of round ``rnd``).
 
     ``y_hats[c][i]`` is client ``c``'s micro-batch ``steps[i]``. Each step concatenates
-    all clients' micro-batch. Returns the losses and ``grads[c][i]``."""
+    all clients' micro-batch. Returns the losses and ``grads[c][i]`` (empty lists in a
+    round whose client half is frozen: no gradient is computed for the features)."""
     set_stage(rt.model, rt.cfg.stage_at(rnd))
     losses, grads = [], [[] for _ in y_hats]
     for i, step in enumerate(steps):
         loss, g = server_train_step(
             rt.model, rt.opt, [y[i] for y in y_hats], [t[i] for t in texts], rt.pad_id, lr_at(rt.cfg, rnd, step),
             image_position=rt.cfg.image_position, grad_clip=rt.cfg.grad_clip,
+            feature_grads=rt.cfg.client_trains_at(rnd),
         )
         losses.append(loss)
-        for c, gc in enumerate(g):
+        for c, gc in enumerate(g or []):
             grads[c].append(gc)
     return losses, grads
 

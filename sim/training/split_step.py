@@ -141,15 +141,17 @@ def server_train_step(
     lr: float,
     image_position: str = "first",
     grad_clip: float = 0.0,
-) -> tuple[float, list[Streams[torch.Tensor]]]:
+    feature_grads: bool = True,
+) -> tuple[float, list[Streams[torch.Tensor]] | None]:
     """One server step on the concatenated micro-batches of all clients.
 
     ``y_hats[c]`` is client ``c``'s decoded streams (``image`` (B,N,D), ``residual``
     (B,N,Dv), ``text`` (1,L,D)), on the CPU as decoded. Returns the loss and the gradients
-    dL/dy_hat split back per client (the downlink), on the CPU."""
+    dL/dy_hat split back per client (the downlink), on the CPU; with ``feature_grads``
+    off (a frozen client half) the features get no gradient and None is returned."""
     cat_dim = {"text": 1}  # the text stream is one row of all the micro-batch's tokens
     dev = model.device
-    joined = Streams.zip(y_hats).map(lambda k, parts: torch.cat(parts, dim=cat_dim.get(k, 0)).to(dev).requires_grad_(True))
+    joined = Streams.zip(y_hats).map(lambda k, parts: torch.cat(parts, dim=cat_dim.get(k, 0)).to(dev).requires_grad_(feature_grads))
     text = concat_text(texts, pad_id).to(dev)
     img = model.image_embeds(joined)
     txt = model.text_embeds(text.ids, text.lens, joined.text)
@@ -159,7 +161,7 @@ def server_train_step(
         raise FloatingPointError(f"non-finite server loss {float(loss)}")
     opt.zero_grad(set_to_none=True)
     if model.precision == "fp16":
-        leaves = [*trainable(model), *joined.values()]
+        leaves = [*trainable(model), *(joined.values() if feature_grads else [])]
         for t, gt in zip(leaves, scaled_grads(loss, leaves, True)):
             t.grad = gt
     else:
@@ -168,6 +170,8 @@ def server_train_step(
         clip_grads(trainable(model), grad_clip)
     set_lr(opt, lr)
     opt.step()
+    if not feature_grads:
+        return float(loss.detach()), None
     parts = joined.map(lambda k, v: v.grad.cpu().split([y[k].shape[cat_dim.get(k, 0)] for y in y_hats], dim=cat_dim.get(k, 0)))
     return float(loss.detach()), [parts.map(lambda _, p: p[c]) for c in range(len(y_hats))]
 
