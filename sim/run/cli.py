@@ -11,8 +11,9 @@
 ``run`` drives the Flower app with ``flwr.simulation.run_simulation`` on the Ray
 backend; ``--in-process`` runs the same round engine with the clients called in this
 process (the reference trainer; same files, same losses). The config (and a LLaVA JSON
-dataset) is validated before anything starts; Ray is limited to this machine
-(:func:`ray_backend_config`). ``deploy`` runs the same app on Flower's deployment
+dataset) is validated before anything starts; Ray is sized for this machine
+(:func:`ray_backend_config`), or joins a running cluster with ``--ray-address``
+(docs/performance.md, "A real Ray cluster"; ``tests/test_ray_cluster.py``). ``deploy`` runs the same app on Flower's deployment
 runtime on loopback (:mod:`sim.run.deploy`): a TLS SuperLink with SuperNode
 authentication, one SuperNode per hospital, ``flwr run``.
 
