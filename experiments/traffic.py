@@ -13,7 +13,7 @@ the Flower run sends) and measures, from that run's own ledger:
 * exact match after the last round, paired by seed against the identity baseline (fp16 up,
   fp32 down): mean ± standard error of the per-seed differences;
 * **time to accuracy**: simulated seconds (measured compute + the ledger's bytes on a
-  symmetric link of 1, 10 and 100 Mbit/s, :func:`sim.run.results.simulated_clock`) until a
+  symmetric link of 1, 10 and 100 Mbit/s, :func:`sim.run.results.round_end_clock`) until a
   run first reaches :data:`TARGET_FRACTION` of the baseline's mean final accuracy.
 
 Data flow::
@@ -48,6 +48,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from sim.run.cli import parse_overrides  # noqa: E402
+from sim.run.results import round_end_clock  # noqa: E402
 
 from .common import add_table_row, mean_std, run_grid, setup_logging, table_cell  # noqa: E402
 
@@ -189,12 +190,8 @@ def _floats(cell) -> list[float]:
 def time_to(row: pd.Series, bw: int, target: float) -> float:
     """Simulated seconds until the run's accuracy first reaches ``target`` (NaN if never)."""
     net = _floats(row[f"net_s_{bw}mbps"])
-    clock = net[0]
-    for acc, compute, n in zip(_floats(row["acc_per_round"]), _floats(row["compute_s"]), net[1:]):
-        clock += compute + n
-        if acc >= target:
-            return clock
-    return math.nan
+    clock = round_end_clock(net[0], _floats(row["compute_s"]), net[1:])
+    return next((t for acc, t in zip(_floats(row["acc_per_round"]), clock) if acc >= target), math.nan)
 
 
 def summarise(df: pd.DataFrame) -> tuple[pd.DataFrame, float]:

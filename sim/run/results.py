@@ -140,9 +140,15 @@ def simulated_clock(rounds: list[int], computes: list[float], rows: list[LedgerR
     exchanges' network time under ``network``, recomputed from the ledger rows; the clock
     starts before the codec initialisation (round 0: its network time counts)."""
     net = network_seconds_per_round(rows, network)
-    clock, elapsed = net.get(0, 0.0), []
-    for rnd, compute in zip(rounds, computes):
-        clock += float(compute) + net.get(int(rnd), 0.0)
+    return round_end_clock(net.get(0, 0.0), computes, [net.get(int(r), 0.0) for r in rounds])
+
+
+def round_end_clock(start_s: float, computes: list[float], network_s: list[float]) -> list[float]:
+    """The simulated time at the end of each round from ``start_s`` (the codec
+    initialisation's network time): each round adds its compute and its network seconds."""
+    clock, elapsed = start_s, []
+    for compute, net in zip(computes, network_s):
+        clock += float(compute) + net
         elapsed.append(clock)
     return elapsed
 

@@ -103,12 +103,13 @@ def server_steps(
     all clients' micro-batch. Returns the losses and ``grads[c][i]`` (empty lists in a
     round whose client half is frozen: no gradient is computed for the features)."""
     set_stage(rt.model, rt.cfg.stage_at(rnd))
+    feature_grads = rt.cfg.client_trains_at(rnd)
     losses, grads = [], [[] for _ in y_hats]
     for i, step in enumerate(steps):
         loss, g = server_train_step(
             rt.model, rt.opt, [y[i] for y in y_hats], [t[i] for t in texts], rt.pad_id, lr_at(rt.cfg, rnd, step),
             image_position=rt.cfg.image_position, grad_clip=rt.cfg.grad_clip,
-            feature_grads=rt.cfg.client_trains_at(rnd),
+            feature_grads=feature_grads,
         )
         losses.append(loss)
         for c, gc in enumerate(g or []):
