@@ -5,16 +5,31 @@ and ``num-partitions``, set by the simulation or ``--node-config``; optionally a
 site's own ``data-path`` and ``state-dir``, see docs/deployment.md), runs the client
 handler on the message content and the node's ``context.state``, and replies. An
 exception becomes Flower's error reply; the server drops the client for that round.
+
+In deployment every message runs in a fresh process that imports this module first, so
+its imports are timed in groups (torch, transformers' modelling core, the project) and
+reported with the first reply (``timing-s``, :mod:`sim.training.timing`; docs/deployment.md).
 """
 
 from __future__ import annotations
 
-from flwr.app import Context, Message
-from flwr.clientapp import ClientApp
+import time
 
-from sim.training.client_handlers import client_evaluate, client_hello, client_init_codec, client_train
-from sim.training.node import node_identity
+_FIRST_LINE = time.time()
+import torch  # noqa: E402,F401 - timed apart: the project imports it first
 
+_AFTER_TORCH = time.time()
+import transformers.modeling_utils  # noqa: E402,F401 - timed apart: every tower import starts here
+
+_AFTER_TRANSFORMERS = time.time()
+from flwr.app import Context, Message  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+
+from sim.training.client_handlers import client_evaluate, client_hello, client_init_codec, client_train  # noqa: E402
+from sim.training.node import node_identity  # noqa: E402
+from sim.training.timing import mark_clientapp_import  # noqa: E402
+
+mark_clientapp_import(_FIRST_LINE, _AFTER_TORCH, _AFTER_TRANSFORMERS, time.time())
 app = ClientApp()
 
 

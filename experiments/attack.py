@@ -19,7 +19,9 @@ Decoder ``g`` ((B,N,D) -> (B,3,H,W)): the N tokens as a sqrt(N) x sqrt(N) grid w
 channels (standardised with the auxiliary set's per-channel mean and std), a 1x1 conv
 to ``width`` channels, two residual 3x3 conv blocks, a 1x1 conv to ``3 p^2`` channels
 and a pixel shuffle by the patch size p, then a small residual 3x3 conv refinement at
-full resolution. About 0.16 M parameters at width 64 for 64-wide features.
+full resolution. About 0.16 M parameters at width 64 for 64-wide features. This fixed-budget
+decoder is the study's "weak" attacker; the "strong" one (a U-Net trained until its
+validation PSNR stops improving) is :mod:`experiments.strong_attack`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from torch import nn
 
+from experiments.mmd import mk_mmd2
 from sim.config import SplitConfig
 from sim.data.batches import TokenisedExamples, eval_text, pixels, train_text
 from sim.model import ClientBatch, ClientModel, build_client_model, client_state, client_state_names, load_client_state
@@ -62,7 +65,9 @@ class SurrogateBudget:
     lr: float = 1e-3
 
 
-class _ResBlock(nn.Module):
+class ResBlock(nn.Module):
+    """``x + conv3x3(gelu(conv3x3(gelu(x))))``, same width and size."""
+
     def __init__(self, width: int) -> None:
         super().__init__()
         self.c1 = nn.Conv2d(width, width, 3, padding=1)
@@ -84,7 +89,7 @@ class InversionDecoder(nn.Module):
         self.register_buffer("mu", torch.zeros(dim))
         self.register_buffer("sd", torch.ones(dim))
         self.inp = nn.Conv2d(dim, width, 1)
-        self.body = nn.Sequential(_ResBlock(width), _ResBlock(width))
+        self.body = nn.Sequential(ResBlock(width), ResBlock(width))
         self.out = nn.Conv2d(width, 3 * self.patch**2, 1)
         self.refine = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.GELU(), nn.Conv2d(16, 3, 3, padding=1))
 
@@ -120,8 +125,9 @@ def fit_decoder(feats: torch.Tensor, images: torch.Tensor, budget: DecoderBudget
 
 
 @torch.no_grad()
-def reconstruct(dec: InversionDecoder, feats: torch.Tensor, batch: int = 256, own_statistics: bool = False) -> torch.Tensor:
-    """(n,N,D) -> (n,3,H,W) reconstructions clamped to [0, 1].
+def reconstruct(dec: nn.Module, feats: torch.Tensor, batch: int = 256, own_statistics: bool = False) -> torch.Tensor:
+    """(n,N,D) -> (n,3,H,W) reconstructions clamped to [0, 1] by a decoder with ``mu``/``sd``
+    buffers (:class:`InversionDecoder`, :class:`experiments.strong_attack.UNetDecoder`).
 
     ``own_statistics``: standardise ``feats`` with their own per-channel mean and std
     instead of the auxiliary features' (the black-box attacker's calibration step: its
@@ -132,7 +138,7 @@ def reconstruct(dec: InversionDecoder, feats: torch.Tensor, batch: int = 256, ow
     return torch.cat([dec(feats[i:i + batch]) for i in range(0, len(feats), batch)]).clamp_(0.0, 1.0)
 
 
-def _with_statistics(dec: InversionDecoder, mu: torch.Tensor, sd: torch.Tensor) -> InversionDecoder:
+def _with_statistics(dec: nn.Module, mu: torch.Tensor, sd: torch.Tensor) -> nn.Module:
     out = copy.deepcopy(dec)
     out.mu.copy_(mu)
     out.sd.copy_(sd)
@@ -179,27 +185,38 @@ def wire_features(model: ClientModel, server: ServerRuntime, data: TokenisedExam
     return torch.cat(out)[:n].float()
 
 
+@torch.no_grad()
+def encoded_prompts(model: ClientModel, server: ServerRuntime, data: TokenisedExamples,
+                    batch_size: int) -> tuple[list[torch.Tensor], list[np.ndarray]]:
+    """The prompts of ``data`` as the server decodes the quantised text stream
+    (``text-mode=quantized``): encoded by ``model`` exactly as a client encodes evaluation
+    prompts (micro-batches of ``batch_size`` samples), packed, unpacked by the server's text
+    codec half. Returns one (L_i, D) float tensor per sample and its L_i token ids."""
+    if model.text_codec is None or server.model.text_codec is None:
+        raise ValueError("reading the text stream needs a run with text-mode=quantized")
+    prompts, _ = eval_text(data, np.arange(len(data)))
+    processor = image_processor(server.cfg)
+    vecs: list[torch.Tensor] = []
+    for start in range(0, len(data), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(data)))
+        chunk = prompts[start:start + batch_size]
+        enc = model.encode(ClientBatch(pixels(data, idx, processor), chunk))["text"]
+        flat = server.model.text_codec.unpack(model.text_codec.pack(enc), tuple(enc.y.shape))[0].float()
+        vecs += list(torch.split(flat, [len(p) for p in chunk]))
+    return vecs, [np.asarray(p) for p in prompts]
+
+
 class TextInverter:
-    """White-box inversion of the quantised text stream (``text-mode=quantized``): the attacker
-    encodes its public prompts with the victim's client half, exactly as a client encodes
-    evaluation prompts (micro-batches of ``batch_size`` samples), decodes them with the server's
-    text codec half, and keeps the mean decoded vector of every token id. A victim's decoded
-    prompt vector is read as the id of the nearest mean (nearest-centroid classifier)."""
+    """White-box inversion of the quantised text stream (``text-mode=quantized``), the weak
+    text attacker: the attacker encodes its public prompts with the victim's client half
+    (:func:`encoded_prompts`) and keeps the mean decoded vector of every token id. A victim's
+    decoded prompt vector is read as the id of the nearest mean (nearest-centroid classifier;
+    the learned, converged reader is :mod:`experiments.text_attack`)."""
 
     @torch.no_grad()
     def __init__(self, model: ClientModel, server: ServerRuntime, data: TokenisedExamples, batch_size: int) -> None:
-        if model.text_codec is None or server.model.text_codec is None:
-            raise ValueError("TextInverter needs a run with text-mode=quantized")
-        prompts, _ = eval_text(data, np.arange(len(data)))
-        processor = image_processor(server.cfg)
-        vecs, ids = [], []
-        for start in range(0, len(data), batch_size):
-            idx = np.arange(start, min(start + batch_size, len(data)))
-            chunk = prompts[start:start + batch_size]
-            enc = model.encode(ClientBatch(pixels(data, idx, processor), chunk))["text"]
-            vecs.append(server.model.text_codec.unpack(model.text_codec.pack(enc), tuple(enc.y.shape))[0])
-            ids.append(np.concatenate(chunk))
-        v, t = torch.cat(vecs).float(), torch.from_numpy(np.concatenate(ids))
+        vecs, ids = encoded_prompts(model, server, data, batch_size)
+        v, t = torch.cat(vecs), torch.from_numpy(np.concatenate(ids))
         self.ids = torch.unique(t)
         self.centroids = torch.stack([v[t == i].mean(0) for i in self.ids])
 
@@ -224,12 +241,20 @@ def shared_codec_state(model: ClientModel, weights: dict[str, torch.Tensor]) -> 
 
 def surrogate_client(
     cfg: SplitConfig, server: ServerRuntime, aux: TokenisedExamples, victim_weights: dict[str, torch.Tensor],
-    budget: SurrogateBudget, seed: int,
+    budget: SurrogateBudget, seed: int, align_to: torch.Tensor | None = None, mmd_weight: float = 0.0,
 ) -> ClientModel:
     """Black-box: a client half of the same architecture from a fresh seed, trained on the
     auxiliary VQA data through the *frozen* server half with the task loss, so that its
     features mean to the server what the victim's mean. Of ``victim_weights`` it uses only
-    :func:`shared_codec_state`."""
+    :func:`shared_codec_state`.
+
+    FORA-style feature alignment (Xu et al., "A Stealthy Wrongdoer: Feature-Oriented
+    Reconstruction Attack against Split Learning", CVPR 2024, arXiv 2405.04115): with
+    ``align_to`` (the victim's captured features y_hat, (n,N,D') with the image stream in the
+    first D columns) and ``mmd_weight`` > 0, each step adds ``mmd_weight`` times the
+    multi-kernel MMD² (:func:`experiments.mmd.mk_mmd2`, unbiased) between the surrogate's
+    decoded image features of the batch and as many victim rows drawn at random. Without
+    it the training is bitwise the plain surrogate's."""
     model = build_client_model(cfg.replace(seed=seed), server.vocab_size)
     known = shared_codec_state(model, victim_weights)
     if known:
@@ -242,6 +267,10 @@ def surrogate_client(
     server.model.eval()
     rng = np.random.default_rng(seed)
     processor = image_processor(cfg)
+    align = align_to is not None and mmd_weight > 0
+    if align and len(align_to) < 2:
+        raise ValueError(f"feature alignment needs at least 2 victim feature rows, got {len(align_to)}")
+    align_rng = np.random.default_rng([seed, 1])
     try:
         for t in range(budget.steps):
             idx = rng.choice(len(aux), size=min(budget.batch, len(aux)), replace=False)
@@ -249,6 +278,9 @@ def surrogate_client(
             enc = model(pixels(aux, idx, processor))
             split = image_split(cfg.image_position, first_answer_index(text))
             loss = answer_loss(server.model.logits(enc.y, text.ids, split), text, enc.y.shape[1]) + enc.aux_loss
+            if align:
+                pick = align_rng.choice(len(align_to), size=min(len(idx), len(align_to)), replace=False)
+                loss = loss + mmd_weight * mk_mmd2(enc.y, align_to[torch.from_numpy(pick)][..., :enc.y.shape[-1]])
             set_lr(opt, budget.lr * 0.5 * (1 + math.cos(math.pi * t / budget.steps)))
             opt.zero_grad(set_to_none=True)
             loss.backward()

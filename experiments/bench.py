@@ -5,6 +5,9 @@ Regenerates the performance figures of the project (issue "Performance"):
 ====  ==========================================================  ===========
 P1    simulation ÷ in-process reference throughput (scratch cfg)  ≥ 0.90
       + the curve over steps-per-exchange × clients
+P1d   deployment (TLS, 3 SuperNodes on loopback) ÷ reference       ≥ 0.5
+      throughput (scratch cfg and a small one), with the breakdown
+      of an exchange beside P1's (experiments/bench_deploy.py)
 P2    Flower-serialised bytes ÷ information payload               ≤ 1.02 (≥ 16 KB)
 P4    entropy-coded bytes ÷ empirical entropy bound (2-bit RD-FSQ) ≤ 1.05
 P5    10 / 100 / 1000 SuperNodes, a fixed number sampled per round peak RSS < 4 GB
@@ -34,13 +37,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import bench_codecs, bench_sim
+from . import bench_codecs, bench_deploy, bench_sim
 from .bench_profile import profile_exchange
 from .common import SCRATCH
 from .common import table_cell as _fmt
 
 TARGETS = {  # figure -> (comparison, target, what the headline value is)
     "P1": (">=", 0.90, "median sim/reference throughput at the from-scratch config (the former default)"),
+    "P1d": (">=", 0.5, "median deployment/reference throughput at the first config measured (TLS, SuperNodes on "
+            "loopback)"),
     "P2": ("<=", 1.02, "largest wire/payload ratio over uplink messages with payload >= 16 KB"),
     "P4": ("<=", 1.05, "ANS-coded bytes / empirical entropy bound, trained 2-bit RD-FSQ codes"),
     "P5": ("<", 4.0, "peak RSS (GB, whole process tree) of the run with the most SuperNodes"),
@@ -53,6 +58,9 @@ TARGETS = {  # figure -> (comparison, target, what the headline value is)
 WHY_MISSED = {
     "P1": "Flower's engine costs a fixed ~125 ms poll per exchange (runtime_s_per_exchange) on top of the "
           "reference's compute, and the ClientApps run in Ray actors on the same 2 cores as the ServerApp.",
+    "P1d": "flwr 1.41 handles every message in a fresh flwr-clientapp process (start, load, imports and rebuild in "
+           "the breakdown table) and an idle SuperNode sleeps 3 s between pulls (waiting); a long-lived ClientApp "
+           "worker (issue 19) is what would remove both.",
     "P2": "Flower 1.41 serialises a Message as inflatable objects (Message, RecordDict, ArrayRecord, Array, "
           "chunk headers): ~590 B for a message holding one raw array (3.6 % of 16 KB), ~2.4 KB for our train "
           "reply (codes, token ids, lengths, loss mask, meta; see the P2 table). No Flower message reaches 1.02 "
@@ -94,6 +102,8 @@ def plan(quick: bool) -> dict:
             "p1_default": {**tiny, "num-server-rounds": 1, "local-steps": 8, "steps-per-exchange": 4},
             "p1_default_clients": 2, "repeats": 1,
             "p1_curve": {"steps": [1, 4], "clients": [2], "config": {**tiny, "num-server-rounds": 1, "local-steps": 4}},
+            "p1d": {"supernodes": 2, "configs": [("tiny config", {**tiny, "num-server-rounds": 1, "local-steps": 4,
+                                                                   "steps-per-exchange": 2, "checkpoint": False})]},
             "p5": {"config": {**tiny, "num-server-rounds": 2, "local-steps": 4, "steps-per-exchange": 4},
                    "totals": [(10, 2)], "sampled_curve": []},
             "p6_shape": (8, 16, 32), "p4_steps": 10, "p2_samples": (1, 8, 32),
@@ -104,6 +114,12 @@ def plan(quick: bool) -> dict:
         "p1_default_clients": 4, "repeats": 3,
         "p1_curve": {"steps": [1, 2, 4, 8, 16], "clients": [1, 4, 16],
                      "config": {**SCRATCH, "num-server-rounds": 1, "local-steps": 16}},
+        # P1's config, and a small one whose exchanges are short next to a process start
+        "p1d": {"supernodes": 3, "configs": [
+            ("from-scratch config", {**SCRATCH, "num-server-rounds": 1, "checkpoint": False}),
+            ("small config", {**tiny, "num-server-rounds": 1, "local-steps": 16, "steps-per-exchange": 4,
+                              "checkpoint": False}),
+        ]},
         "p5": {"config": {**SCRATCH, "num-server-rounds": 3, "local-steps": 20, "steps-per-exchange": 10,
                           "num-samples": 20000},
                "totals": [(10, 4), (100, 4), (1000, 4)], "sampled_curve": [(1000, 2), (1000, 8), (1000, 32)]},
@@ -148,6 +164,9 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
                 cfg = {**curve["config"], "steps-per-exchange": spe}
                 rows += [{**x, "figure": "P1-curve"} for x in
                          bench_sim.p1_protocol_efficiency(cfg, clients, repeats, f"{clients} clients, spe {spe}")]
+    if "P1d" in only:
+        for label, cfg in p["p1d"]["configs"]:
+            rows += bench_deploy.p1d_deployment_efficiency(cfg, p["p1d"]["supernodes"], repeats, label)
     if "P5" in only:
         p5 = p["p5"]
         runs = [("P5", t, s) for t, s in p5["totals"]] + [("P5-curve", t, s) for t, s in p5["sampled_curve"]]
@@ -166,6 +185,8 @@ def headline(df: pd.DataFrame, fig: str) -> float | None:
         return None
     if fig == "P1":
         return float(sub["value"].median())
+    if fig == "P1d":
+        return float(sub[sub["setting"] == sub["setting"].iloc[0]]["value"].median())
     if fig == "P2":
         big = sub[sub["payload_bytes"] >= 16 * 1024]
         return float(big.groupby("setting")["value"].median().max()) if len(big) else None
@@ -228,6 +249,9 @@ def write_report(df: pd.DataFrame, out: Path, info: dict, command: str, wall_s: 
                "ref_samples_per_s", "runtime_s_per_exchange"]),
         "P1-curve": ("P1 over steps-per-exchange × clients", ["setting", "clients", "steps_per_exchange", "value",
                      "sim_samples_per_s", "ref_samples_per_s", "runtime_s_per_exchange"]),
+        "P1d": ("P1d deployment efficiency (TLS SuperLink, SuperNode authentication, SuperNodes on loopback)",
+                ["setting", "clients", "steps_per_exchange", "repeat", "value", "dep_samples_per_s", "ref_samples_per_s",
+                 "exchanges", "exchange_s"]),
         "P2": ("P2 wire efficiency (real uplink train replies)", ["setting", "payload_bytes", "wire_bytes", "value"]),
         "P4": ("P4 entropy coding", ["setting", "repeat", "value", "coded_bytes", "bound_bytes", "fixed_bytes",
                "encode_us_per_sample", "decode_us_per_sample"]),
@@ -248,13 +272,41 @@ def write_report(df: pd.DataFrame, out: Path, info: dict, command: str, wall_s: 
             lines += ["", f"## {title}", "", _table(sub, cols)]
             if fig == "profile" and sub["value"].notna().any():
                 lines += ["", PROFILE_ACTIONS]
+        if fig == "P1d":
+            lines += breakdown_section(df)
     (out / "bench.md").write_text("\n".join(lines) + "\n")
+
+
+BREAKDOWN_NOTE = """Mean seconds per training exchange (the median over the repeats), from each run's
+`timing.csv` (sim/training/timing.py, docs/performance.md). The components of an exchange are those of its
+last reply and sum to its wait (`exchange_s`): in the client's process `t_start` (interpreter and `import flwr`),
+`t_load` (pulling the task and FAB, installing the FAB, loading the app), `t_import_*` (the ClientApp module's
+imports), `t_rebuild` (client runtime, weights and optimiser state from `context.state`) and `t_compute` (the
+handler's work); on the server `t_superlink` (its push and pull calls) and `t_waiting` (the rest: the
+SuperNode's 3 s idle pull interval and 0.5 s reply poll, SuperExec's task poll, process spawn and exit,
+the ServerApp's poll). `t_server` is the ServerApp's own work per exchange outside the wait."""
+
+
+def breakdown_section(df: pd.DataFrame) -> list[str]:
+    """The per-exchange breakdown of P1 (simulation) and P1d (deployment) side by side."""
+    sub = df[df["figure"].isin(["P1", "P1d"])]
+    if sub.empty or "t_compute" not in sub.columns or sub["t_compute"].isna().all():
+        return []
+    parts = []
+    for fig, runtime in (("P1", "simulation"), ("P1d", "deployment")):
+        rows = sub[sub["figure"] == fig].dropna(subset=["t_compute"])
+        if len(rows):
+            med = per_setting(rows) if rows["repeat"].notna().any() else rows
+            parts.append(med.assign(runtime=runtime))
+    cols = ["runtime", "setting", "clients", "exchange_s", *bench_sim.BREAKDOWN, "t_server"]
+    return ["", "## Where an exchange's time goes (P1 and P1d)", "", BREAKDOWN_NOTE, "",
+            _table(pd.concat(parts, ignore_index=True), cols)]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small smoke version (CI); asserts nothing about speed")
-    ap.add_argument("--only", help="comma-separated subset of P1,P2,P4,P5,P6,profile")
+    ap.add_argument("--only", help="comma-separated subset of P1,P1d,P2,P4,P5,P6,profile")
     ap.add_argument("--repeats", type=int, default=0, help="repeats per figure (default 3, quick 1)")
     ap.add_argument("--out", default="experiments/results", help="directory for bench.csv and bench.md")
     ap.add_argument("--report-only", action="store_true",

@@ -29,6 +29,11 @@ from pathlib import Path
 import pandas as pd
 import psutil
 
+from sim.training.timing import COMPONENTS
+
+BREAKDOWN = tuple("t_" + c.removesuffix("_s") for c in COMPONENTS)  # they sum to the exchange's wait
+TRAIN = "train.split_step"
+
 REFERENCE_SNIPPET = """
 import json, sys
 from sim.config import SplitConfig
@@ -81,6 +86,24 @@ def cli_overrides(config: dict) -> list[str]:
     return out
 
 
+def exchange_breakdown(run_dir: Path) -> dict:
+    """Where a training exchange's time went, from ``run_dir``'s ``timing.csv``
+    (sim/training/timing.py): the mean over the training exchanges of each component of
+    the exchange's last reply (:data:`BREAKDOWN`, summing to its wait), the mean wait
+    ``exchange_s``, and ``t_server``, the ServerApp's own work per exchange outside the
+    wait (building, validating and decoding messages, the LLM steps, FedAvg: ``train_s``
+    minus the waits). NaN without training exchanges."""
+    timing = pd.read_csv(run_dir / "timing.csv")
+    train_s = float(pd.read_csv(run_dir / "metrics.csv")["train_s"].sum())
+    last = timing[(timing["kind"] == TRAIN) & timing["last"].astype(bool)]
+    n = len(last)
+    nan = float("nan")
+    out = {"exchanges": n, "exchange_s": float(last["exchange_s"].mean()) if n else nan}
+    out |= {name: float(last[col].mean()) if n else nan for col, name in zip(COMPONENTS, BREAKDOWN)}
+    out["t_server"] = (train_s - float(last["exchange_s"].sum())) / n if n else nan
+    return out
+
+
 def run_simulation(config: dict, clients: int, workdir: Path, timeout: float = 1800) -> dict:
     """One ``python -m sim run``; returns its training throughput, timings and peak RSS."""
     out = workdir / f"sim-{len(list(workdir.iterdir()))}"
@@ -108,6 +131,7 @@ def run_simulation(config: dict, clients: int, workdir: Path, timeout: float = 1
         "wall_s": wall,
         "peak_rss_gb": rss.peak / 1e9,
         "uplink_bytes": summary["uplink_bytes"],
+        "breakdown": {k: v for k, v in exchange_breakdown(out).items() if k != "exchanges"},
     }
 
 
@@ -133,7 +157,7 @@ def p1_protocol_efficiency(base: dict, clients: int, repeats: int, label: str) -
                 "figure": "P1", "setting": label, "repeat": r, "value": sim["samples_per_s"] / ref["samples_per_s"],
                 "unit": "sim/reference", "sim_samples_per_s": sim["samples_per_s"],
                 "ref_samples_per_s": ref["samples_per_s"], "runtime_s_per_exchange": sim["runtime_s"] / sim["exchanges"],
-                "clients": clients, "steps_per_exchange": base.get("steps-per-exchange"),
+                "clients": clients, "steps_per_exchange": base.get("steps-per-exchange"), **sim["breakdown"],
             })
     return rows
 

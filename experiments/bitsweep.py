@@ -1,11 +1,22 @@
 """Bit sweep: accuracy and bytes of every compressor at b = 1..5 (Quantized-TinyLLaVA, arXiv 2511.23402, Figure 3 and Tables 3-4).
 
 ``python -m experiments.bitsweep`` trains one split model per (method, bits, seed) with the
-in-process reference trainer at a fixed sample budget (:data:`experiments.common.SWEEP_BUDGET`),
-measures exact match on all clients' local test sets, overall and per question type
-(perception: colour, shape, position; reasoning: count, relational), and the bytes per
-training sample of the real ``train.split_step`` messages (uplink codes, downlink
-gradients). Data flow::
+in-process reference trainer at a fixed budget, measures exact match on all clients' local
+test sets (overall, and per question type on the synthetic benchmark: perception: colour,
+shape, position; reasoning: count, relational), and the bytes per training sample of the
+real ``train.split_step`` messages (uplink codes, downlink gradients). Two regimes
+(``--regime``):
+
+* ``finetune`` (default, the headline): split fine-tuning of the shipped checkpoint, the
+  default job with 4 clients (:data:`experiments.common.FINETUNE_BUDGET`, docs/foundation.md);
+  results ``bitsweep_finetune.*`` (``heldout_finetune.*`` with ``--data-path``);
+* ``scratch``: random initialisation on the synthetic benchmark, 2 clients
+  (:data:`experiments.common.SWEEP_BUDGET`); results ``bitsweep.*`` / ``heldout.*``.
+
+Every configuration runs the same seeds, so the report also gives each one's accuracy
+against identity paired by seed (mean ± standard error of the per-seed differences) and its
+retention (accuracy over identity's; Quantized-TinyLLaVA, arXiv 2511.23402, Tables 3-4).
+Data flow::
 
     grid of RunSpecs --run_grid (resumable, --jobs processes)--> <name>.csv (one row per run)
     <name>.csv --summarise--> <name>.md, <name>_accuracy_vs_bits.png, <name>_pareto.png
@@ -14,7 +25,7 @@ Resumable: a run whose config hash (``key``) is already in the CSV is skipped, s
 interrupted sweep continues where it stopped and ``--report-only`` rebuilds the report.
 ``--data-path FILE`` runs the (reduced) grid on a LLaVA-format JSON dataset instead of the
 synthetic benchmark (e.g. one built by ``python -m experiments.make_heldout``).
-``--quick`` is a smoke version (tiny model, a few steps, 2 seeds) for CI; its accuracies mean nothing.
+``--quick`` is a smoke version (a few steps, 2 seeds) for CI; its accuracies mean nothing.
 """
 
 from __future__ import annotations
@@ -38,17 +49,17 @@ from sim.compress import get_codec  # noqa: E402
 
 from .common import (  # noqa: E402
     QTYPES,
-    QUICK_BUDGET,
-    SWEEP_BUDGET,
-    SWEEP_CLIENTS,
+    REGIMES,
     RunSpec,
     add_table_row,
     fmt_pm,
     make_spec,
     methods,
+    regime_budget,
     run_grid,
     setup_logging,
     summarise,
+    with_paired_columns,
 )
 
 log = logging.getLogger("experiments.bitsweep")
@@ -185,7 +196,7 @@ def _invocations(path: Path) -> pd.DataFrame:
 
 def write_report(df: pd.DataFrame, out: Path, name: str, command: str, budget: dict, clients: int,
                  errors: list[str]) -> pd.DataFrame:
-    summary = summarise(df)
+    summary = with_paired_columns(summarise(df), df)
     summary = summary.assign(_m=summary.method.map(methods().index)).sort_values(["_m", "bits"]).drop(columns="_m")
     title = f"{name}: {df.dataset.iloc[0]}"
     plot_accuracy_vs_bits(summary, out / f"{name}_accuracy_vs_bits.png", title)
@@ -215,18 +226,23 @@ def write_report(df: pd.DataFrame, out: Path, name: str, command: str, budget: d
         r = ident.iloc[0]
         lines += ["", f"**Identity (fp16) accuracy between seeds: {fmt_pm(r.acc_mean, r.acc_std)} % "
                       f"(n = {r.seeds}); std = {100 * r.acc_std:.2f} points.** A difference counts as real here only "
-                      "if it exceeds 2 std (docs/results.md)."]
-    lines += ["", "| method | b | seeds | exact match % | perception % | reasoning % | feature B/sample | "
-                  "uplink B/sample | downlink B/sample | ratio | wire ratio |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                      "if it exceeds 2 std (docs/results.md). Paired by seed, Δ is this configuration minus identity on "
+                      "the same seed (mean ± standard error of the paired differences), and retention is mean accuracy "
+                      "over identity's on those seeds (Quantized-TinyLLaVA's Tables 3-4)."]
+    lines += ["", "| method | b | seeds | exact match % | Δ vs identity, paired (pt) | retention | perception % | "
+                  "reasoning % | feature B/sample | uplink B/sample | downlink B/sample | ratio | wire ratio |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in summary.iterrows():
+        delta = "" if r.method == "identity" or r.pairs == 0 else fmt_pm(r.delta_mean, r.delta_se)
         lines.append(
-            f"| {r.method} | {r.bits} | {r.seeds} | {fmt_pm(r.acc_mean, r.acc_std)} | "
+            f"| {r.method} | {r.bits} | {r.seeds} | {fmt_pm(r.acc_mean, r.acc_std)} | {delta} | "
+            f"{'' if r.retention != r.retention else f'{r.retention:.3f}'} | "
             f"{fmt_pm(r.acc_perception_mean, r.acc_perception_std)} | {fmt_pm(r.acc_reasoning_mean, r.acc_reasoning_std)} | "
             f"{r.feature_bytes_per_sample:,.1f} | {r.up_wire_bytes_per_sample:,.1f} | "
             f"{r.down_wire_bytes_per_sample:,.1f} | {r.ratio:.1f}× | {r.wire_ratio:.1f}× |"
         )
     present = [q for q in QTYPES if summary[f"acc_{q}_mean"].notna().any()]
-    if present:
+    if present and present != ["llava"]:  # a LLaVA-style dataset's questions are all one type here
         lines += ["", "Per question type (exact match %, mean ± std):", "",
                   "| method | b | " + " | ".join(present) + " |", "|---|---|" + "---|" * len(present)]
         for _, r in summary.iterrows():
@@ -270,7 +286,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vq-bits", type=_ints, help="bits per token for the codecs whose bits count per token, e.g. vq "
                    f"(default {','.join(map(str, VQ_BITS))})")
     p.add_argument("--seeds", type=_ints, help="default 0,1,2 (0,1 with --quick)")
-    p.add_argument("--clients", type=int, default=SWEEP_CLIENTS)
+    p.add_argument("--regime", choices=REGIMES, default="finetune",
+                   help="finetune (default): split fine-tuning of the shipped checkpoint, the default job with 4 "
+                   "clients (experiments.common.FINETUNE_BUDGET); scratch: random initialisation on the synthetic "
+                   "benchmark, 2 clients (SWEEP_BUDGET), the earlier results")
+    p.add_argument("--clients", type=int, help="default: the regime's (4 finetune, 2 scratch)")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel processes (one torch thread each)")
     p.add_argument("--out", type=Path, help="output folder (default experiments/results; runs/quick with --quick)")
     p.add_argument("--name", help="file name stem (default bitsweep, or heldout with --data-path)")
@@ -283,9 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
     out = args.out or (Path("runs/quick") if args.quick else RESULTS)
-    name = args.name or ("heldout" if args.data_path else "bitsweep")
-    base = dict(QUICK_BUDGET if args.quick else SWEEP_BUDGET)
-    dataset = "synthetic"
+    name = args.name or ("heldout" if args.data_path else "bitsweep") + ("_finetune" if args.regime == "finetune" else "")
+    base, clients = regime_budget(args.regime, args.quick)
+    clients = args.clients or clients
+    dataset = str(base.get("dataset", "synthetic"))
     if args.data_path:
         path = Path(args.data_path).expanduser().resolve()
         if not path.is_file():
@@ -301,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     csv_path = out / f"{name}.csv"
     shown = [a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--report-only", "-v", "--verbose")]
     command = " ".join(["python -m experiments.bitsweep", *shown])  # the sweep, even when only the report is rebuilt
-    specs = build_grid(list(args.methods or methods()), bits, vq_bits, seeds, args.clients, base, dataset)
+    specs = build_grid(list(args.methods or methods()), bits, vq_bits, seeds, clients, base, dataset)
     if not args.report_only:
         t0, load0 = time.time(), os.getloadavg()[0]
         done = [0]
@@ -329,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     if df.empty:
         print(f"error: {csv_path} holds no run of this grid", file=sys.stderr)
         return 1
-    write_report(df, out, name, command, base, args.clients, errors)
+    write_report(df, out, name, command, base, clients, errors)
     print(f"wrote {out / (name + '.md')} ({len(df)} runs)")
     return 1 if errors and not args.report_only and any("not run" not in e for e in errors) else 0
 

@@ -87,6 +87,40 @@ QUICK_BUDGET: dict[str, object] = {
     "patch-size": 4,
 }
 
+# The fine-tuning regime (issue 16, docs/foundation.md): the default job, split fine-tuning of
+# the shipped checkpoint on the default case study with 4 clients, every recipe key pinned at the
+# value it had when the regime's results were made (so a later change of the project's defaults
+# cannot mix two recipes in one results file; these keys are hashed into a run's key).
+FINETUNE_CLIENTS = 4  # the default run's (`python -m sim run --clients 4`, README)
+FINETUNE_BUDGET: dict[str, object] = {
+    "init": "checkpoints/tiny-vlm", "dataset": "pathology", "stage": "both", "train-vision-tower": "auto",
+    "num-server-rounds": 8, "align-rounds": 1, "local-steps": 60, "steps-per-exchange": 30, "warmup-steps": 10,
+    "batch-size": 8, "align-batch-size": 8, "lr": 5e-4, "align-lr": 5e-4, "lr-schedule": "cosine",
+    "min-lr-ratio": 0.1, "weight-decay": 0.0, "llm-lora-rank": 0,
+    "rdfsq-stats": "per-dim", "rdfsq-alpha": 0.0, "rdfsq-send-range": True,
+    "grad-compressor": "lowrank", "lowrank-rank": 4, "client-finetune": "frozen",
+    "image-position": "after-question", "partitioner": "iid", "test-fraction": 0.1, "checkpoint": False,
+}
+# --quick in that regime: a few steps of the same job (its accuracies mean nothing).
+FINETUNE_QUICK: dict[str, object] = {
+    **FINETUNE_BUDGET,
+    "num-server-rounds": 2, "local-steps": 2, "steps-per-exchange": 1, "batch-size": 4, "align-batch-size": 4,
+    "num-samples": 120, "warmup-steps": 1,
+}
+REGIMES = ("finetune", "scratch")
+
+
+def regime_budget(regime: str, quick: bool) -> tuple[dict[str, object], int]:
+    """The base run config and client count of a sweep in ``regime`` (``finetune``: split
+    fine-tuning of the shipped checkpoint, the headline; ``scratch``: random initialisation on
+    the synthetic benchmark, the earlier results)."""
+    if regime not in REGIMES:
+        raise ValueError(f"unknown regime {regime!r}; valid: {', '.join(REGIMES)}")
+    if regime == "finetune":
+        return dict(FINETUNE_QUICK if quick else FINETUNE_BUDGET), FINETUNE_CLIENTS
+    return dict(QUICK_BUDGET if quick else SWEEP_BUDGET), SWEEP_CLIENTS
+
+
 IDENTITY_BITS = 16  # a codec whose width is its dtype's (identity: fp16) is labelled with 16 bits
 
 
@@ -406,6 +440,45 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
             float(ident.loc[d, src]) / v if d in ident.index and v > 0 else math.nan
             for d, v in zip(out.dataset, out[src])
         ]
+    return out
+
+
+def paired_difference(runs: pd.DataFrame, a: tuple[str, int], b: tuple[str, int], col: str = "acc",
+                      dataset: str | None = None) -> tuple[float, float, int]:
+    """Mean and standard error of ``col`` of configuration ``a`` minus ``b`` (each ``(method,
+    bits)``), paired by seed over the seeds both have run (per-run rows of a sweep CSV), and the
+    number of pairs; NaN s.e. for one pair, NaN mean for none."""
+    rows = runs if dataset is None else runs[runs.dataset == dataset]
+
+    def by_seed(m: str, bits: int) -> pd.Series:
+        g = rows[(rows.method == m) & (rows.bits == bits)]
+        return g.groupby("seed")[col].mean()
+
+    d = (by_seed(*a) - by_seed(*b)).dropna()
+    if d.empty:
+        return math.nan, math.nan, 0
+    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.nan, int(len(d))
+
+
+def with_paired_columns(summary: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """``summary`` plus, per configuration, its accuracy against identity (fp16) of the same
+    dataset paired by seed (``delta_mean``, ``delta_se``, ``pairs``) and the ``retention``:
+    mean accuracy over mean identity accuracy on those seeds (Quantized-TinyLLaVA, arXiv
+    2511.23402, Tables 3-4, against uncompressed fine-tuning)."""
+    out = summary.copy()
+    cols: dict[str, list[float]] = {"delta_mean": [], "delta_se": [], "pairs": [], "retention": []}
+    for _, r in out.iterrows():
+        m, se, n = paired_difference(runs, (r.method, int(r.bits)), ("identity", IDENTITY_BITS), dataset=r.dataset)
+        rows = runs[runs.dataset == r.dataset]
+        ident = rows[(rows.method == "identity") & (rows.bits == IDENTITY_BITS)].groupby("seed").acc.mean()
+        mine = rows[(rows.method == r.method) & (rows.bits == r.bits)].groupby("seed").acc.mean()
+        common = mine.index.intersection(ident.index)
+        cols["delta_mean"].append(m)
+        cols["delta_se"].append(se)
+        cols["pairs"].append(n)
+        cols["retention"].append(float(mine[common].mean() / ident[common].mean()) if len(common) else math.nan)
+    for k, v in cols.items():
+        out[k] = v
     return out
 
 

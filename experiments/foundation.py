@@ -69,7 +69,8 @@ class Centralized:
         self.server = build_server_model(self.cfg, len(self.tok))
         self.params = trainable(self.client.tower) + trainable(self.client.connector) + self.server.llm_finetuned
         self.opt = make_optimiser(self.cfg, self.params)
-        examples = load_examples(cfg.dataset, cfg.data_path, cfg.image_size, cfg.num_samples, cfg.seed, cfg.on_bad_record)
+        examples = load_examples(cfg.dataset, cfg.data_path, cfg.image_size, cfg.num_samples, cfg.seed, cfg.on_bad_record,
+            cfg.data_allow_outside_paths)
         self.qtypes = [e.qtype for e in examples]
         self.test_idx = np.concatenate([rt.test_idx for rt in self.runtimes])
 

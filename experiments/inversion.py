@@ -31,16 +31,26 @@ architecture, the run config, the server half, and holds public same-domain imag
   (AlignedVQ's codebook), which the server half needs to decode anyway.
 * ``mean-image``: the no-information baseline, the mean public image for every victim image.
 
-Rows go to ``privacy.csv`` (one per victim x threat, appended as they finish; a rerun
-skips the rows already there) and example reconstructions to ``--examples``; the
-report (privacy.md, plots, the grid of examples) is built from those files by
-:mod:`experiments.privacy_report`.
+Attackers (the ``attacker`` column; :mod:`experiments.privacy_attacks`): every white-box and
+black-box row is run by the ``weak`` attacker (a fixed-budget conv decoder, the study's
+original one) and by the ``strong`` one (a U-Net trained until its PSNR on held-out public
+images stops improving, with a FORA-style MMD-aligned surrogate for black-box,
+:mod:`experiments.strong_attack`), the latter also on 2x and 4x the public pool
+(``public_scale``, ``--public-scale``) for the victims that sweep it. With
+``text-mode=quantized`` each attacker also reads the question tokens back from the text
+stream (nearest centroid, or a learned decoder: :mod:`experiments.text_attack`).
+
+Rows go to ``privacy.csv`` (one per victim x threat x attacker x public scale, appended as
+they finish; a rerun skips the rows already there, :mod:`experiments.privacy_rows`), the
+strong attacker's learning curves to ``privacy_curves.csv`` and example reconstructions to
+``--examples``; the report (privacy.md, plots, the grid of examples) is built from those
+files by :mod:`experiments.privacy_report`.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import dataclasses
 import hashlib
 import json
 import logging
@@ -52,17 +62,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from experiments.attack import (
-    DecoderBudget, SurrogateBudget, TextInverter, fit_decoder, image_metrics, reconstruct, surrogate_client,
-    unit_images, victim_client, wire_features,
-)
+from experiments.attack import DecoderBudget, SurrogateBudget, image_metrics, unit_images
 from experiments.common import SCRATCH, method_overrides, setup_logging
-from experiments.privacy_capture import capture_eval_uplink, observe, text_recovery
+from experiments.early_stopping import LearningCurve, StopRule
+from experiments.privacy_attacks import AUX_SEED, VAL_SEED, VictimAttacks
+from experiments.privacy_capture import capture_eval_uplink, observe
+from experiments.privacy_rows import CURVE_COLUMNS, append_rows, done_keys, set_aside_stale
+from experiments.strong_attack import StrongDecoderBudget
+from experiments.text_attack import TextDecoderBudget
 from sim.compress import get_codec
 from sim.config import SplitConfig
-from sim.data import CASE_STUDY_DATASETS
-from sim.data.batches import eval_text, pixels, tokenise
-from sim.data.tokenizer import get_tokenizer
+from sim.data.batches import eval_text, pixels
 from sim.model.processor import image_processor
 from sim.training.client import client_runtime
 from sim.training.reference import run_reference
@@ -73,20 +83,38 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
 CLIENTS = 2
 VICTIM = 0  # partition whose held-out images are attacked
-AUX_SEED = 7_777  # seed of the attacker's public images (their pool is disjoint anyway)
 EXAMPLES_PER_RUN = 8
 THREATS = ("white-box", "black-box", "mean-image")
 VQ_SPLIT = get_codec("vq").sweep["split-point"]  # AlignedVQ's split point: after LayerNorm 1 of vision block 0
 
 
 @dataclass(frozen=True)
+class StrongBudget:
+    """The strong attacker: the U-Net decoder trained to a plateau, the FORA-aligned surrogate
+    (task loss + ``mmd_weight`` x MK-MMD² to the victim's features), the learned text reader,
+    and the held-out public images they stop on."""
+
+    decoder: StrongDecoderBudget
+    surrogate: SurrogateBudget
+    mmd_weight: float
+    text: TextDecoderBudget
+    val_samples: int
+
+
+@dataclass(frozen=True)
 class Budget:
-    """Everything that sizes a study: the training run, the public pool, the attacker."""
+    """Everything that sizes a study: the training run, the public pool, the attackers.
+
+    ``public_scales``: the strong attacker's public training pools, as multiples of
+    ``aux_samples``, for the victims with ``scale_sweep`` (1x always; every other victim and
+    the weak attacker get 1x only)."""
 
     train: dict[str, object]
     aux_samples: int
     decoder: DecoderBudget
     surrogate: SurrogateBudget
+    strong: StrongBudget
+    public_scales: tuple[int, ...] = (1,)
 
 
 # Full study: a tiny model (width 64, 2 ViT + 2 LLM layers, 32 px, 64 image tokens) trained
@@ -101,6 +129,12 @@ FULL = Budget(
     aux_samples=1600,
     decoder=DecoderBudget(steps=300, batch=64, lr=3e-3, width=64),
     surrogate=SurrogateBudget(steps=60, batch=32, lr=1e-3),
+    strong=StrongBudget(
+        decoder=StrongDecoderBudget(stop=StopRule(max_steps=5000, eval_every=50, patience=5, min_delta=0.02,
+                                                  lr_drops=1, lr_factor=0.2), batch=64, lr=2e-3, width=32, depth=2),
+        surrogate=SurrogateBudget(steps=240, batch=32, lr=1e-3), mmd_weight=1.0, text=TextDecoderBudget(),
+        val_samples=200),
+    public_scales=(1, 2, 4),
 )
 # --quick: the same pipeline on a toy budget (CI smoke test); its numbers mean nothing.
 QUICK = Budget(
@@ -112,12 +146,32 @@ QUICK = Budget(
     aux_samples=96,
     decoder=DecoderBudget(steps=20, batch=32, lr=3e-3, width=16),
     surrogate=SurrogateBudget(steps=4, batch=8, lr=1e-3),
+    strong=StrongBudget(
+        decoder=StrongDecoderBudget(stop=StopRule(max_steps=12, eval_every=4, patience=1, lr_drops=1), batch=16,
+                                    lr=2e-3, width=8, depth=1),
+        surrogate=SurrogateBudget(steps=4, batch=8, lr=1e-3), mmd_weight=1.0,
+        text=TextDecoderBudget(stop=StopRule(max_steps=12, eval_every=4, patience=1, min_delta=0.001, lr_drops=0),
+                               batch=16, hidden=16),
+        val_samples=24),
+    public_scales=(1, 2),
 )
 
 
 @dataclass(frozen=True)
+class Attack:
+    """One result row's attack: a threat model, the attacker that runs it (``weak``: the
+    fixed-budget decoder; ``strong``: the U-Net trained to a plateau; ``none``: the mean-image
+    baseline) and the size of its public training pool (x ``Budget.aux_samples``)."""
+
+    threat: str
+    attacker: str
+    scale: int = 1
+
+
+@dataclass(frozen=True)
 class Victim:
-    """One victim configuration and the threat models to run against it."""
+    """One victim configuration and the threat models to run against it; ``scale_sweep``: the
+    strong attacker also runs on the larger public pools of ``Budget.public_scales``."""
 
     dataset: str
     method: str
@@ -126,6 +180,18 @@ class Victim:
     seed: int
     threats: tuple[str, ...]
     text_mode: str = "ids"
+    scale_sweep: bool = False
+
+    def attacks(self, budget: Budget) -> list[Attack]:
+        """Every row of this victim: per threat, the weak attacker and the strong one at each scale."""
+        scales = sorted({1, *budget.public_scales}) if self.scale_sweep else [1]
+        out = []
+        for t in self.threats:
+            if t == "mean-image":
+                out.append(Attack(t, "none"))
+            else:
+                out += [Attack(t, "weak")] + [Attack(t, "strong", s) for s in scales]
+        return out
 
     def config(self, budget: Budget) -> SplitConfig:
         over: dict[str, object] = {**SCRATCH, **budget.train, **method_overrides(self.method, self.bits)}
@@ -133,12 +199,19 @@ class Victim:
                      "text-mode": self.text_mode})
         return SplitConfig.from_run_config(over)
 
-    def key(self, budget: Budget, threat: str) -> str:
-        """Hash of everything that determines a result row."""
-        blob = json.dumps({"cfg": self.config(budget).to_run_config(), "threat": threat, "clients": CLIENTS,
-                           "aux": budget.aux_samples, "dec": asdict(budget.decoder),
-                           "sur": asdict(budget.surrogate)}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    def key(self, budget: Budget, attack: Attack) -> str:
+        """Hash of everything that determines a result row (a weak or mean-image row hashes
+        what it did before the strong attacker existed, so rows written then are reused)."""
+        blob: dict[str, object] = {"cfg": self.config(budget).to_run_config(), "threat": attack.threat,
+                                   "clients": CLIENTS, "aux": budget.aux_samples, "dec": asdict(budget.decoder),
+                                   "sur": asdict(budget.surrogate)}
+        if attack.attacker == "strong":
+            blob |= {"attacker": "strong", "scale": attack.scale, "strong": asdict(budget.strong),
+                     "val_seed": VAL_SEED}
+        return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+    def keys(self, budget: Budget) -> set[str]:
+        return {self.key(budget, a) for a in self.attacks(budget)}
 
     @property
     def name(self) -> str:
@@ -161,7 +234,8 @@ def full_grid() -> list[Victim]:
     (faces, 2 seeds, white-box). About 30 min of one core on the project machine."""
     both = ("white-box", "black-box", "mean-image")
     accept = [("identity", 16), ("rdfsq", 1), ("rdfsq", 2), ("rdfsq", 3), ("vq", VQ_BITS)]
-    out = [Victim(d, m, b, 0.0, s, both) for d in ACCEPT_DATASETS for s in SEEDS for m, b in accept]
+    out = [Victim(d, m, b, 0.0, s, both, scale_sweep=s == SEEDS[0]) for d in ACCEPT_DATASETS for s in SEEDS
+           for m, b in accept]
     sweep = [("rdfsq", 4)] + [(m, b) for m in ("fsq", "nf", "topk") for b in SWEEP_BITS]
     out += [Victim("faces", m, b, 0.0, 0, ("white-box", "mean-image")) for m, b in sweep]
     out += [Victim("faces", m, b, s, 0, ("white-box", "mean-image")) for m, b in NOISE_METHODS for s in NOISE_SIGMAS]
@@ -171,35 +245,21 @@ def full_grid() -> list[Victim]:
 
 def quick_grid() -> list[Victim]:
     both = ("white-box", "black-box", "mean-image")
-    return [Victim("faces", "identity", 16, 0.0, 0, both), Victim("faces", "rdfsq", 2, 0.0, 0, both),
+    return [Victim("faces", "identity", 16, 0.0, 0, both, scale_sweep=True), Victim("faces", "rdfsq", 2, 0.0, 0, both),
             Victim("faces", "rdfsq", 2, 0.5, 0, ("white-box", "mean-image")),
             Victim("faces", "rdfsq", 2, 0.0, 0, ("white-box",), "quantized")]
 
 
 # ----------------------------------------------------------------------------- one victim
-COLUMNS = (
-    "key", "dataset", "method", "bits", "sigma", "seed", "text_mode", "threat",
-    "acc", "acc_per_round", "psnr", "psnr_std", "ssim", "ssim_std", "n_images",
-    "capture_bytes", "ledger_wire_bytes", "ledger_payload_bytes", "ledger_feature_bytes", "consumed_bytes",
-    "feature_bytes_per_image", "prompt_token_recovery", "answer_recovery", "feature_rms",
-    "train_s", "train_cpu_s", "attack_s", "attack_cpu_s",
-)
-
-
 @dataclass
 class VictimResult:
     rows: list[dict[str, object]] = field(default_factory=list)
-    examples: dict[str, np.ndarray] = field(default_factory=dict)  # truth / threat -> (k,H,W,3) uint8
+    curves: list[dict[str, object]] = field(default_factory=list)  # CURVE_COLUMNS rows of the strong attackers
+    examples: dict[str, np.ndarray] = field(default_factory=dict)  # truth / threat / threat-strong -> (k,H,W,3) uint8
 
 
-def public_pool(cfg: SplitConfig, n: int):
-    """The attacker's labelled public images, tokenised with the run's tokenizer."""
-    examples = CASE_STUDY_DATASETS[cfg.dataset](n, AUX_SEED, cfg.image_size, "public")
-    return tokenise(examples, get_tokenizer(cfg))
-
-
-def run_victim(v: Victim, budget: Budget) -> VictimResult:
-    """Train, capture, attack one victim configuration; one row per threat model."""
+def run_victim(v: Victim, budget: Budget, skip: set[str] | frozenset[str] = frozenset()) -> VictimResult:
+    """Train, capture, attack one victim configuration; one row per :class:`Attack` whose key is not in ``skip``."""
     torch.set_num_threads(1)
     cfg = v.config(budget)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -212,8 +272,8 @@ def run_victim(v: Victim, budget: Budget) -> VictimResult:
     truth = unit_images(rt.data, rt.test_idx)
     if len(truth) != len(obs.features):
         raise RuntimeError(f"{len(obs.features)} captured feature rows for {len(truth)} held-out images")
-    aux = public_pool(cfg, budget.aux_samples)
-    aux_images = unit_images(aux)
+    attacks = VictimAttacks(cfg, res, obs, eval_text(rt.data, rt.test_idx), budget, v.seed)
+    aux = attacks.pool(1)
     common = {
         "dataset": v.dataset, "method": v.method, "bits": v.bits, "sigma": v.sigma, "seed": v.seed,
         "text_mode": v.text_mode,
@@ -225,33 +285,43 @@ def run_victim(v: Victim, budget: Budget) -> VictimResult:
         "feature_bytes_per_image": obs.consumed_bytes / _padded(len(truth), cfg.batch_size),
         "train_s": round(train_s, 2), "train_cpu_s": round(train_cpu_s, 2),
     }
+    with torch.no_grad():  # scale of the pre-noise features, to read sigma against
+        common["feature_rms"] = float(attacks.victim_model.features(
+            pixels(aux, np.arange(min(256, len(aux))), image_processor(cfg))).pow(2).mean().sqrt())
     out = VictimResult()
     out.examples["truth"] = _uint8(truth[:EXAMPLES_PER_RUN])
-    victim_model = victim_client(cfg, res.client_weights, server.vocab_size)
-    reader = TextInverter(victim_model, server, aux, cfg.batch_size) if cfg.text_mode == "quantized" else None
-    common["prompt_token_recovery"], common["answer_recovery"] = text_recovery(
-        obs, *eval_text(rt.data, rt.test_idx), read_prompt=reader)
-    with torch.no_grad():  # scale of the pre-noise features, to read sigma against
-        common["feature_rms"] = float(victim_model.features(pixels(aux, np.arange(min(256, len(aux))), image_processor(cfg))).pow(2).mean().sqrt())
-    for threat in v.threats:
+    for a in v.attacks(budget):
+        key = v.key(budget, a)
+        if key in skip:
+            continue
         t1, c1 = time.perf_counter(), time.process_time()
-        if threat == "mean-image":
-            rec = aux_images.mean(0, keepdim=True).expand_as(truth)
-        else:
-            black = threat == "black-box"
-            enc = surrogate_client(cfg, server, aux, res.client_weights, budget.surrogate, seed=v.seed + 1000) \
-                if black else victim_model
-            dec = fit_decoder(wire_features(enc, server, aux, cfg.batch_size), aux_images, budget.decoder, seed=v.seed)
-            rec = reconstruct(dec, obs.features, own_statistics=black)
-        psnr, ssim = image_metrics(rec, truth)
-        out.rows.append({**common, "key": v.key(budget, threat), "threat": threat,
-                         "psnr": float(psnr.mean()), "psnr_std": float(psnr.std(ddof=1)),
+        img = attacks.images(a, len(truth))
+        text, text_curve = attacks.text(a)
+        psnr, ssim = image_metrics(img.rec, truth)
+        ident = {"key": key, "threat": a.threat, "attacker": a.attacker, "public_scale": a.scale}
+        curve = img.curve
+        out.rows.append({**common, **ident, "psnr": float(psnr.mean()), "psnr_std": float(psnr.std(ddof=1)),
                          "ssim": float(ssim.mean()), "ssim_std": float(ssim.std(ddof=1)),
+                         "prompt_token_recovery": text.prompt_tokens, "prompt_exact_recovery": text.prompts_exact,
+                         "answer_recovery": text.answers, "public_images": img.public_images,
+                         "decoder_steps": "" if img.decoder_steps is None else img.decoder_steps,
+                         "best_step": curve.best_step if curve else "", "val_psnr": curve.best_score if curve else "",
+                         "stopped_early": curve.stopped_early if curve else "",
                          "attack_s": round(time.perf_counter() - t1, 2),
                          "attack_cpu_s": round(time.process_time() - c1, 2)})
-        if threat != "mean-image":
-            out.examples[threat] = _uint8(rec[:EXAMPLES_PER_RUN])
+        out.curves += _curve_rows({**common, **ident}, curve, "image") + _curve_rows({**common, **ident}, text_curve, "text")
+        if a.attacker != "none" and a.scale == 1:
+            out.examples[a.threat if a.attacker == "weak" else f"{a.threat}-strong"] = _uint8(img.rec[:EXAMPLES_PER_RUN])
     return out
+
+
+def _curve_rows(ident: dict[str, object], curve: LearningCurve | None, target: str) -> list[dict[str, object]]:
+    """``curve`` as CURVE_COLUMNS rows; ``target`` ``image`` (score: PSNR, dB) or ``text`` (token accuracy)."""
+    if curve is None:
+        return []
+    score = "val_psnr" if target == "image" else "val_token_accuracy"
+    return [{**ident, "target": target, "step": t, "train_loss": loss, score: val}
+            for t, loss, val in zip(curve.step, curve.train_loss, curve.val_score)]
 
 
 def _padded(n: int, batch: int) -> int:
@@ -263,65 +333,51 @@ def _uint8(images: torch.Tensor) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- files
-def done_keys(path: Path) -> set[str]:
-    if not path.exists():
-        return set()
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or "key" not in reader.fieldnames:
-            raise ValueError(f"{path}: not a privacy results CSV (no 'key' column); move it away to start over")
-        return {row["key"] for row in reader}
-
-
-def append_rows(path: Path, rows: list[dict[str, object]]) -> None:
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
-            w.writeheader()
-        for row in rows:
-            w.writerow({k: row.get(k, "") for k in COLUMNS})
-
-
-def set_aside_stale(path: Path, keys: set[str]) -> int:
-    """Move the rows of ``path`` whose key is not in ``keys`` (made with another grid,
-    budget or config schema) to ``<stem>_stale.csv`` beside it, so the report only sees
-    rows of the current study and nothing written earlier is lost. Returns their count."""
-    if not path.exists():
-        return 0
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    stale = [r for r in rows if r["key"] not in keys]
-    if stale:
-        append_rows(path.with_name(path.stem + "_stale.csv"), stale)
-        tmp = path.with_suffix(".tmp")
-        tmp.unlink(missing_ok=True)
-        append_rows(tmp, [r for r in rows if r["key"] in keys])
-        tmp.replace(path)
-    return len(stale)
+def save_examples(path: Path, examples: dict[str, np.ndarray]) -> None:
+    """Write ``examples`` to ``path`` (npz), keeping the arrays of an earlier run that this one did not redo."""
+    old = dict(np.load(path)) if path.exists() else {}
+    np.savez_compressed(path, **(old | examples))
 
 
 def run_study(grid: list[Victim], budget: Budget, csv_path: Path, examples_dir: Path) -> list[str]:
-    """Run every victim whose rows are not all in ``csv_path``; returns error messages."""
+    """Run the rows of every victim that are not in ``csv_path`` yet (their learning curves go
+    to :func:`curves_path`); returns error messages."""
     done = done_keys(csv_path)
     examples_dir.mkdir(parents=True, exist_ok=True)
     errors = []
-    todo = [v for v in grid if any(v.key(budget, t) not in done for t in v.threats)]
+    todo = [v for v in grid if not v.keys(budget) <= done]
     log.info("%d victim configurations, %d to run", len(grid), len(todo))
     for i, v in enumerate(todo, 1):
         t0 = time.perf_counter()
         try:
-            result = run_victim(v, budget)
+            result = run_victim(v, budget, skip=done)
         except Exception as err:  # one failed configuration must not lose the others; rerun retries it
             log.exception("%s failed", v.name)
             errors.append(f"{v.name}: {type(err).__name__}: {err}")
             continue
-        append_rows(csv_path, [r for r in result.rows if r["key"] not in done])
-        np.savez_compressed(examples_dir / f"{v.name}.npz", **result.examples)
-        wb = next((r for r in result.rows if r["threat"] == "white-box"), None)
-        log.info("[%d/%d] %s: acc %.3f, white-box PSNR %.2f dB, %.0f s", i, len(todo), v.name,
-                 result.rows[0]["acc"], wb["psnr"] if wb else math.nan, time.perf_counter() - t0)
+        append_rows(curves_path(csv_path), result.curves, CURVE_COLUMNS)  # first: a row is done only with its curve
+        append_rows(csv_path, result.rows)
+        save_examples(examples_dir / f"{v.name}.npz", result.examples)
+        psnr = {(r["threat"], r["attacker"]): r["psnr"] for r in result.rows if r["public_scale"] == 1}
+        log.info("[%d/%d] %s: acc %.3f, white-box PSNR %.2f dB (weak) / %.2f dB (strong), %.0f s", i, len(todo),
+                 v.name, result.rows[0]["acc"], psnr.get(("white-box", "weak"), math.nan),
+                 psnr.get(("white-box", "strong"), math.nan), time.perf_counter() - t0)
     return errors
+
+
+def curves_path(csv_path: Path) -> Path:
+    """The learning-curve CSV beside the results CSV."""
+    return csv_path.with_name(csv_path.stem + "_curves.csv")
+
+
+def _scales(text: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        out = ()
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of integers >= 1, e.g. 1,2,4; got {text!r}")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -332,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--examples", type=Path, default=None, help="example reconstructions (default runs/privacy-examples; "
                    "kept out of the repository: the faces are photographs of real people)")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from the existing CSV")
+    p.add_argument("--public-scale", type=_scales, default=None, metavar="S,S,...",
+                   help="sizes of the strong attacker's public pool, as multiples of the budget's aux_samples, for "
+                   "the victims that sweep it (default: 1,2,4; with --quick 1,2); 1x always runs")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     setup_logging(args.verbose)
@@ -342,12 +401,16 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "privacy.csv"
     budget = QUICK if args.quick else FULL
+    if args.public_scale is not None:
+        budget = dataclasses.replace(budget, public_scales=args.public_scale)
     errors: list[str] = []
     previous = json.loads((out / "privacy_config.json").read_text()) if (out / "privacy_config.json").exists() else {}
     study_wall_s = previous.get("study_wall_s")
     if not args.report_only:
         grid = quick_grid() if args.quick else full_grid()
-        stale = set_aside_stale(csv_path, {v.key(budget, t) for v in grid for t in v.threats})
+        keys = set().union(*(v.keys(budget) for v in grid))
+        stale = set_aside_stale(csv_path, keys)
+        set_aside_stale(curves_path(csv_path), keys, CURVE_COLUMNS)
         if stale:
             log.warning("%d rows of %s belong to another grid or config; moved to %s", stale, csv_path,
                         csv_path.with_name(csv_path.stem + "_stale.csv"))
@@ -359,8 +422,10 @@ def main(argv: list[str] | None = None) -> int:
         log.info("study finished in %.0f s", time.perf_counter() - t0)
     (out / "privacy_config.json").write_text(json.dumps(
         {"budget": {"train": budget.train, "aux_samples": budget.aux_samples, "decoder": asdict(budget.decoder),
-                    "surrogate": asdict(budget.surrogate)},
-         "clients": CLIENTS, "victim_partition": VICTIM, "aux_seed": AUX_SEED, "vq_split": VQ_SPLIT,
+                    "surrogate": asdict(budget.surrogate), "strong": asdict(budget.strong),
+                    "public_scales": list(budget.public_scales)},
+         "clients": CLIENTS, "victim_partition": VICTIM, "aux_seed": AUX_SEED, "val_seed": VAL_SEED,
+         "vq_split": VQ_SPLIT,
          "errors": errors, "study_wall_s": study_wall_s}, indent=2))
     write_report(csv_path, examples, out, quick=args.quick)
     for e in errors:

@@ -103,22 +103,33 @@ def observe(capture: CapturedUplink, cfg: SplitConfig, server: ServerRuntime) ->
     return Observation(feats, payload_bytes(msg.content, records), up.prompts, up.answers)
 
 
+@dataclass(frozen=True)
+class TextRecovery:
+    """How much of the victim's text the attacker reads (fractions in [0, 1])."""
+
+    prompt_tokens: float  # prompt (question) tokens read correctly, position by position
+    prompts_exact: float  # prompts read back whole, every token right
+    answers: float  # answers read back whole
+
+
 def text_recovery(obs: Observation, prompts: list[np.ndarray], answers: list[np.ndarray],
-                  read_prompt: Callable[[torch.Tensor], np.ndarray] | None = None) -> tuple[float, float]:
-    """Fraction of the victim's prompt tokens, and of its answers, that the attacker reads.
+                  read_prompt: Callable[[torch.Tensor], np.ndarray] | None = None) -> TextRecovery:
+    """The share of the victim's prompt tokens, of its whole prompts and of its answers that the attacker reads.
 
     Token ids in the clear (``text-mode=ids``) are compared as they are; decoded quantised
     prompt embeddings (``text-mode=quantized``) go through ``read_prompt`` (the attacker's
-    text inverter, e.g. :class:`experiments.attack.TextInverter`). ``prompts`` and
-    ``answers`` are the ground truth (the victim's token ids)."""
-    hits = total = 0
+    text reader: :class:`experiments.attack.TextInverter`, or the learned
+    :meth:`experiments.text_attack.TextDecoder.read`). ``prompts`` and ``answers`` are the
+    ground truth (the victim's token ids)."""
+    hits = total = exact = 0
     for got, want in zip(obs.prompts, prompts, strict=True):
         if isinstance(got, torch.Tensor):
             if read_prompt is None:
                 raise ValueError("the prompts are quantised embeddings: give read_prompt to invert them")
             got = read_prompt(got)
         got, want = np.asarray(got), np.asarray(want)
-        hits += int((got == want).sum()) if got.shape == want.shape else 0
-        total += want.size
+        right = int((got == want).sum()) if got.shape == want.shape else 0
+        hits, total, exact = hits + right, total + want.size, exact + int(right == want.size)
     same = [np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(obs.answers, answers, strict=True)]
-    return hits / max(1, total), float(np.mean(same)) if same else float("nan")
+    return TextRecovery(hits / max(1, total), exact / max(1, len(prompts)),
+                        float(np.mean(same)) if same else float("nan"))

@@ -1,13 +1,17 @@
 """The privacy report's tables, plots and example grid, built only from the study's files
 (:func:`experiments.privacy_text.write_report` puts them together).
 
-Inputs: ``privacy.csv`` (one row per victim configuration x threat model, written by
-:mod:`experiments.inversion`), ``privacy_config.json`` (the budget) and the example
-reconstructions (``<victim>.npz``: ``truth`` and one array per threat model, uint8).
-Outputs in the results folder: ``privacy.md``, ``privacy_summary.csv`` (mean and std
-over seeds), ``privacy_psnr_vs_bits.png``, ``privacy_utility.png``,
-``privacy_psnr_vs_bytes.png`` and ``privacy_examples_pathology.png``. The faces grid
-goes next to the examples (kept out of the repository: the faces are real people).
+Inputs: ``privacy.csv`` (one row per victim configuration x threat model x attacker x
+public-pool scale, written by :mod:`experiments.inversion`), ``privacy_curves.csv`` (the
+strong attacker's learning curves), ``privacy_config.json`` (the budget) and the example
+reconstructions (``<victim>.npz``: ``truth`` and one array per threat model, uint8; the
+strong attacker's as ``<threat>-strong``). Outputs in the results folder: ``privacy.md``,
+``privacy_summary.csv`` (mean and std over seeds), ``privacy_psnr_vs_bits.png``,
+``privacy_utility.png``, ``privacy_psnr_vs_bytes.png``, ``privacy_learning_curves.png``
+and ``privacy_examples_pathology.png``. The faces grid goes next to the examples (kept out
+of the repository: the faces are real people). The bits, bytes and noise plots and tables
+show the weak (fixed-budget) attacker, as they always did; the strong attacker has its own
+columns, table and curves.
 
 Error bars and "±": the standard deviation over seeds of the per-seed means when a
 configuration has 2 or more seeds; with a single seed, the standard error over the
@@ -35,14 +39,38 @@ GRID_ROWS = (("identity", 16), ("rdfsq", 1), ("rdfsq", 2), ("rdfsq", 3), ("vq", 
 
 
 # ----------------------------------------------------------------------------- summaries
+NEW_COLUMNS = ("prompt_exact_recovery", "public_images", "decoder_steps", "best_step", "val_psnr", "stopped_early")
+
+
+def with_attacker_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows of a CSV written before the strong attacker (no ``attacker``/``public_scale``
+    columns) read as the weak attacker on the 1x pool (``none`` for the mean image), as
+    :mod:`experiments.privacy_rows` upgrades them."""
+    df = df.copy()
+    if "attacker" not in df:
+        df["attacker"] = ""
+    df["attacker"] = df.attacker.fillna("").where(df.attacker.fillna("") != "",
+                                                  np.where(df.threat == "mean-image", "none", "weak"))
+    df["public_scale"] = df.get("public_scale", pd.Series(1, index=df.index)).fillna(1).astype(int)
+    for col in NEW_COLUMNS:
+        if col not in df:
+            df[col] = np.nan
+    return df
+
+
 def summarise(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (dataset, method, bits, sigma, text mode, threat): means and spreads over seeds."""
+    """One row per (dataset, method, bits, sigma, text mode, threat, attacker, public scale):
+    means and spreads over seeds."""
     rows = []
-    keys = ["dataset", "method", "bits", "sigma", "text_mode", "threat"]
-    for (d, m, b, s, tm, t), g in df.groupby(keys, sort=False):
+    keys = ["dataset", "method", "bits", "sigma", "text_mode", "threat", "attacker", "public_scale"]
+    for (d, m, b, s, tm, t, a, sc), g in df.groupby(keys, sort=False):
         n = len(g)
-        row = {"dataset": d, "method": m, "bits": int(b), "sigma": float(s), "text_mode": tm, "threat": t, "seeds": n,
-               "bytes_per_image": float(g.feature_bytes_per_image.mean())}
+        row = {"dataset": d, "method": m, "bits": int(b), "sigma": float(s), "text_mode": tm, "threat": t,
+               "attacker": a, "public_scale": int(sc), "seeds": n,
+               "bytes_per_image": float(g.feature_bytes_per_image.mean()),
+               "val_psnr": float(g.val_psnr.mean()), "decoder_steps": float(g.decoder_steps.mean()),
+               "best_step": float(g.best_step.mean()),
+               "stopped_early": _flags(g.stopped_early).mean()}
         for col, std_col in (("psnr", "psnr_std"), ("ssim", "ssim_std"), ("acc", None)):
             row[col] = float(g[col].mean())
             if n >= 2:
@@ -54,6 +82,21 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
                 row[f"{col}_err"], row[f"{col}_err_kind"] = math.nan, ""
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _flags(col: pd.Series) -> pd.Series:
+    """A True/False column as read back from CSV (bools, strings or blanks) as 1.0/0.0/NaN."""
+    return col.map(lambda v: {True: 1.0, False: 0.0, "True": 1.0, "False": 0.0}.get(v, np.nan)).astype(float)
+
+
+def weak_view(s: pd.DataFrame) -> pd.DataFrame:
+    """The summary rows of the weak attacker and the mean-image baseline (the 1x public pool)."""
+    return s[(s.attacker != "strong") & (s.public_scale == 1)]
+
+
+def strong_view(s: pd.DataFrame, scale: int = 1) -> pd.DataFrame:
+    """The summary rows of the strong attacker on the ``scale`` x public pool."""
+    return s[(s.attacker == "strong") & (s.public_scale == scale)]
 
 
 def _pm(mean: float, err: float, digits: int, scale: float = 1.0, kind: str = "") -> str:
@@ -75,30 +118,61 @@ def _order(s: pd.DataFrame) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------- tables
+def _cell(sub: pd.DataFrame, m: str, b: int, threat: str, col: str, digits: int) -> str:
+    """``weak / strong`` (1x public pool) values of ``col`` for one method/bits and threat."""
+    out = []
+    for view in (weak_view(sub), strong_view(sub)):
+        g = view[(view.method == m) & (view.bits == b) & (view.threat == threat)]
+        out.append(_pm(g[col].iloc[0], g[f"{col}_err"].iloc[0], digits, kind=g[f"{col}_err_kind"].iloc[0])
+                   if len(g) else "–")
+    return " / ".join(out)
+
+
 def attack_table(s: pd.DataFrame, dataset: str, sigma: float = 0.0, methods: tuple[str, ...] | None = None,
                  max_bits: int | None = None) -> str:
-    """Markdown: one row per method/bits with bytes, task accuracy and each threat's PSNR/SSIM."""
+    """Markdown: one row per method/bits with bytes, task accuracy and each threat's PSNR/SSIM
+    as ``weak / strong`` (both on the 1x public pool)."""
     sub = s[(s.dataset == dataset) & (s.sigma == sigma)]
     if methods is not None:
         sub = sub[sub.method.isin(methods)]
     if max_bits is not None:
         sub = sub[(sub.bits <= max_bits) | (sub.method == "identity") | (sub.method == "vq")]
-    lines = ["| method | feature bytes / image | seeds | task accuracy (%) | white-box PSNR (dB) | white-box SSIM "
-             "| black-box PSNR (dB) | black-box SSIM |", "|---|---|---|---|---|---|---|---|"]
-    base = sub[sub.threat == "mean-image"]
-    for (m, b), g in _order(sub[sub.threat == "white-box"]).groupby(["method", "bits"], sort=False):
+    lines = ["| method | feature bytes / image | seeds | task accuracy (%) | white-box PSNR (dB), weak / strong "
+             "| white-box SSIM, weak / strong | black-box PSNR (dB), weak / strong | black-box SSIM, weak / strong |",
+             "|---|---|---|---|---|---|---|---|"]
+    weak = weak_view(sub)
+    base = weak[weak.threat == "mean-image"]
+    for (m, b), g in _order(weak[weak.threat == "white-box"]).groupby(["method", "bits"], sort=False):
         wb = g.iloc[0]
-        bb = sub[(sub.method == m) & (sub.bits == b) & (sub.threat == "black-box")]
-        bb = bb.iloc[0] if len(bb) else None
         lines.append(
-            f"| {_method_label(m, b)} | {wb.bytes_per_image:,.0f} | {wb.seeds} "
-            f"| {_pm(wb.acc, wb.acc_err, 1, 100)} | {_pm(wb.psnr, wb.psnr_err, 2, kind=wb.psnr_err_kind)} "
-            f"| {_pm(wb.ssim, wb.ssim_err, 3, kind=wb.ssim_err_kind)} "
-            f"| {_pm(bb.psnr, bb.psnr_err, 2, kind=bb.psnr_err_kind) if bb is not None else '–'} "
-            f"| {_pm(bb.ssim, bb.ssim_err, 3, kind=bb.ssim_err_kind) if bb is not None else '–'} |")
+            f"| {_method_label(m, b)} | {wb.bytes_per_image:,.0f} | {wb.seeds} | {_pm(wb.acc, wb.acc_err, 1, 100)} "
+            f"| {_cell(sub, m, b, 'white-box', 'psnr', 2)} | {_cell(sub, m, b, 'white-box', 'ssim', 3)} "
+            f"| {_cell(sub, m, b, 'black-box', 'psnr', 2)} | {_cell(sub, m, b, 'black-box', 'ssim', 3)} |")
     if len(base):
         lines.append(f"| *mean public image (no information)* | 0 | – | – | {base.psnr.mean():.2f} "
                      f"| {base.ssim.mean():.3f} | {base.psnr.mean():.2f} | {base.ssim.mean():.3f} |")
+    return "\n".join(lines)
+
+
+def scale_table(s: pd.DataFrame, dataset: str) -> str:
+    """Markdown: per method/bits and threat, the weak attacker's PSNR and the strong one's at
+    every public-pool scale measured, with the strong fits' mean steps at 1x (noise-free runs)."""
+    sub = s[(s.dataset == dataset) & (s.sigma == 0) & (s.threat != "mean-image")]
+    scales = sorted(set(sub[sub.attacker == "strong"].public_scale))
+    if not scales:
+        return "_(no strong-attacker runs)_"
+    head = "| method | threat | weak PSNR (dB) | " + " | ".join(f"strong PSNR, {k}x public (dB)" for k in scales)
+    lines = [head + " | strong: steps to the best weights, 1x |", "|---|---|---|" + "---|" * (len(scales) + 1)]
+    weak = weak_view(sub)
+    for (m, b, t), g in _order(sub).groupby(["method", "bits", "threat"], sort=False):
+        w = weak[(weak.method == m) & (weak.bits == b) & (weak.threat == t)]
+        cells = [_pm(w.psnr.iloc[0], w.psnr_err.iloc[0], 2, kind=w.psnr_err_kind.iloc[0]) if len(w) else "–"]
+        for k in scales:
+            st = g[(g.attacker == "strong") & (g.public_scale == k)]
+            cells.append(_pm(st.psnr.iloc[0], st.psnr_err.iloc[0], 2, kind=st.psnr_err_kind.iloc[0]) if len(st) else "–")
+        one = g[(g.attacker == "strong") & (g.public_scale == 1)]
+        steps = f"{one.best_step.iloc[0]:,.0f}" if len(one) and one.best_step.iloc[0] == one.best_step.iloc[0] else "–"
+        lines.append(f"| {_method_label(m, b)} | {t} | " + " | ".join(cells) + f" | {steps} |")
     return "\n".join(lines)
 
 
@@ -200,6 +274,51 @@ def plot_psnr_vs_bytes(s: pd.DataFrame, path: Path) -> None:
     _save(fig, path)
 
 
+def plot_learning_curves(curves: pd.DataFrame, path: Path) -> bool:
+    """The strong attacker's learning curves in one figure: the image decoders' training MSE,
+    their validation PSNR (one panel per dataset; one line per fit: colour = method, dashed =
+    black-box, thicker = larger public pool; a dot at the kept weights) and, with
+    ``text-mode=quantized`` runs, the text reader's validation token accuracy. Returns False
+    when there are no curves."""
+    if curves.empty:
+        return False
+    image, text = curves[curves.target == "image"], curves[curves.target == "text"]
+    datasets = [d for d in ("faces", "pathology", "retina") if d in set(image.dataset)]
+    panels = 1 + len(datasets) + bool(len(text))
+    fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 3.8), squeeze=False)
+    ax_loss, seen = axes[0, 0], set()
+    for _, g in image.groupby("key", sort=False):
+        g = g.sort_values("step")
+        r = g.iloc[0]
+        style = {"color": COLORS.get(r.method, "grey"), "ls": "--" if r.threat == "black-box" else "-",
+                 "lw": 0.6 + 0.4 * math.log2(max(1, int(r.public_scale))), "alpha": 0.7}
+        ax_loss.plot(g.step, g.train_loss, **style, label=None if r.method in seen else LABELS.get(r.method, r.method))
+        seen.add(r.method)
+        ax = axes[0, 1 + datasets.index(r.dataset)]
+        ax.plot(g.step, g.val_psnr, **style)
+        best = g.loc[g.val_psnr.idxmax()]
+        ax.plot(best.step, best.val_psnr, "o", ms=3, color=style["color"])
+    ax_loss.set(xlabel="decoder step", ylabel="training MSE (mean since the last evaluation)", yscale="log",
+                title="strong image decoder: training loss")
+    ax_loss.legend(fontsize=7, title="solid white-box, dashed black-box,\nthicker: larger public pool",
+                   title_fontsize=7)
+    for i, d in enumerate(datasets, 1):
+        axes[0, i].set(xlabel="decoder step", ylabel="PSNR on held-out public images (dB)",
+                       title=f"{d}: validation PSNR (dot: kept weights)")
+    if len(text):
+        ax = axes[0, -1]
+        for _, g in text.groupby("key", sort=False):
+            g = g.sort_values("step")
+            ax.plot(g.step, 100 * g.val_token_accuracy, lw=0.6 + 0.4 * math.log2(max(1, int(g.public_scale.iloc[0]))),
+                    color=COLORS.get(g.method.iloc[0], "grey"))
+        ax.set(xlabel="reader step", ylabel="question tokens read, held-out public prompts (%)",
+               title="text-mode=quantized: learned text reader")
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+    _save(fig, path)
+    return True
+
+
 def example_grid(examples: Path, dataset: str, path: Path, seed: int = 0) -> bool:
     """Originals (top row) and white-box reconstructions per method (one row each), plus the
     black-box identity row; returns False when the example files are missing."""
@@ -207,6 +326,10 @@ def example_grid(examples: Path, dataset: str, path: Path, seed: int = 0) -> boo
     for m, b in GRID_ROWS:
         rows.append((f"{_method_label(m, b)}\nwhite-box", f"{dataset}-{m}-b{b}-s0-seed{seed}.npz", "white-box"))
     rows.append(("identity fp16\nblack-box", f"{dataset}-identity-b16-s0-seed{seed}.npz", "black-box"))
+    for m, b in (("identity", 16), ("rdfsq", 1)):
+        for threat in ("white-box", "black-box"):
+            rows.append((f"{_method_label(m, b)}\n{threat}, strong", f"{dataset}-{m}-b{b}-s0-seed{seed}.npz",
+                         f"{threat}-strong"))
     first = examples / f"{dataset}-identity-b16-s0-seed{seed}.npz"
     if not first.exists():
         return False

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from experiments.privacy_attacker_text import strong_section, text_leakage_paragraph, text_table
 from experiments.privacy_report import (
-    _method_label, _pm, attack_table, example_grid, noise_table, plot_psnr_vs_bits, plot_psnr_vs_bytes,
-    plot_utility, summarise,
+    _method_label, _pm, attack_table, example_grid, noise_table, plot_learning_curves, plot_psnr_vs_bits,
+    plot_psnr_vs_bytes, plot_utility, strong_view, summarise, weak_view, with_attacker_columns,
 )
 from sim.data.casestudy import NUM_FACE_SOURCES, POOL_GRID, PUBLIC_CELLS, PUBLIC_FACE_SOURCES
 
@@ -54,9 +55,10 @@ def _headline(s: pd.DataFrame, datasets: list[str]) -> list[str]:
     return lines
 
 
-def _findings(s: pd.DataFrame) -> list[str]:
+def _findings(s: pd.DataFrame, who: str = "") -> list[str]:
     """Sentences computed from the summary: the margin over the baseline of the most protective
-    compressor per threat model, and which black-box attacks beat the baseline."""
+    compressor per threat model, and which black-box attacks beat the baseline; ``who`` names
+    the attacker after the threat model (the weak one, unnamed, by default)."""
     out = []
     clean = s[s.sigma == 0]
     for d in sorted(set(clean.dataset)):
@@ -66,17 +68,17 @@ def _findings(s: pd.DataFrame) -> list[str]:
             worst = wb.loc[wb.psnr.idxmin()]
             ident = _get(s, d, "identity", 16, "white-box")
             out.append(
-                f"* {d}, white-box: the most protective compressor measured ({_method_label(worst.method, worst.bits)}, "
+                f"* {d}, white-box{who}: the most protective compressor measured ({_method_label(worst.method, worst.bits)}, "
                 f"{worst.bytes_per_image:,.0f} bytes per image) still leaves {worst.psnr - base:+.1f} dB over the "
                 f"no-information baseline ({ident - worst.psnr:.1f} dB below fp16 features).")
         bb = clean[(clean.dataset == d) & (clean.threat == "black-box")]
         if len(bb) and base == base:
             above = bb[bb.psnr > base + 1.0]
             names = ", ".join(f"{_method_label(r.method, r.bits)} ({r.psnr:.1f} dB)" for _, r in above.iterrows())
-            out.append(f"* {d}, black-box: {len(above)} of {len(bb)} configurations beat the baseline by more than "
+            out.append(f"* {d}, black-box{who}: {len(above)} of {len(bb)} configurations beat the baseline by more than "
                        f"1 dB{': ' + names if names else ''}.")
     vq_bb = clean[(clean.method == "vq") & (clean.threat == "black-box")]
-    if len(vq_bb) and any(r.psnr > _baseline(s, r.dataset) + 1.0 for _, r in vq_bb.iterrows()):
+    if not who and len(vq_bb) and any(r.psnr > _baseline(s, r.dataset) + 1.0 for _, r in vq_bb.iterrows()):
         out.append(
             "* Why AlignedVQ is exposed even without the client weights: its wire alphabet is the codebook, which "
             "the server half holds to decode, and at `vit-ln1:0` the client half before it is only the patch "
@@ -86,15 +88,9 @@ def _findings(s: pd.DataFrame) -> list[str]:
 
 
 def _text_section(df: pd.DataFrame, full: pd.DataFrame) -> str:
-    ids = df[(df.text_mode == "ids")]
-    q = df[(df.text_mode == "quantized")]
-    rows = ["| text mode | prompt (question) tokens the server reads | answers (labels) the server reads | runs |",
-            "|---|---|---|---|"]
-    for name, g in (("ids", ids), ("quantized", q)):
-        if len(g):
-            rows.append(f"| `{name}` | {100 * g.prompt_token_recovery.mean():.1f} % | {100 * g.answer_recovery.mean():.1f} % "
-                        f"| {g.drop_duplicates(['dataset', 'method', 'bits', 'sigma', 'seed']).shape[0]} |")
+    rows = [text_table(df)]
     lines = []
+    full = weak_view(full)
     for _, r in full[(full.text_mode == "quantized") & (full.threat == "white-box")].iterrows():
         ids = full[(full.text_mode == "ids") & (full.threat == "white-box") & (full.dataset == r.dataset)
                    & (full.method == r.method) & (full.bits == r.bits) & (full.sigma == r.sigma)]
@@ -107,8 +103,9 @@ def _text_section(df: pd.DataFrame, full: pd.DataFrame) -> str:
 
 
 def report_markdown(df: pd.DataFrame, full: pd.DataFrame, config: dict, grids: dict[str, Path], out: Path,
-                    quick: bool) -> str:
-    s = full[full.text_mode == "ids"]  # image results; text-mode=quantized rows only in the text section
+                    quick: bool, curves_png: bool = False) -> str:
+    s_all = full[full.text_mode == "ids"]  # image results; text-mode=quantized rows only in the text section
+    s = weak_view(s_all)  # the weak attacker and the baseline: the bits, bytes and noise results
     datasets = [d for d in ("faces", "pathology", "retina") if d in set(df.dataset)]
     budget = config.get("budget", {})
     train = budget.get("train", {})
@@ -122,6 +119,8 @@ def report_markdown(df: pd.DataFrame, full: pd.DataFrame, config: dict, grids: d
     rms = df.groupby("dataset").feature_rms.median().to_dict()
     md = [
         "# Privacy case studies: feature inversion from what crosses the wire",
+        "",
+        text_leakage_paragraph(df),
         "",
         ("> **Quick run** (`--quick`): a toy budget that checks the pipeline end to end; its numbers mean nothing.\n"
          if quick else ""),
@@ -139,6 +138,7 @@ def report_markdown(df: pd.DataFrame, full: pd.DataFrame, config: dict, grids: d
         *_headline(s, [d for d in datasets if d in ("faces", "pathology")]),
         "",
         *_findings(s),
+        *_findings(pd.concat([strong_view(s_all), s[s.threat == "mean-image"]]), " (strong attacker)"),
         "",
         "## Setup",
         "",
@@ -162,9 +162,14 @@ def report_markdown(df: pd.DataFrame, full: pd.DataFrame, config: dict, grids: d
         "(`experiments/privacy_capture.py`) and decoded with the server's codec half by the ServerApp's own "
         "parser. Scores: PSNR and SSIM (`skimage.metrics`, data range 1, per image, then averaged) of the "
         "reconstructions against the victim's images.",
-        f"* **Decoder** (`experiments/attack.py`): conv decoder on the token grid, {dec.get('steps')} Adam steps of "
-        f"{dec.get('batch')} pairs, width {dec.get('width')}. Black-box surrogate: {sur.get('steps')} steps of "
-        f"{sur.get('batch')} through the frozen server half.",
+        f"* **Decoders**: the *weak* attacker (`experiments/attack.py`) is a conv decoder on the token grid, "
+        f"{dec.get('steps')} Adam steps of {dec.get('batch')} pairs, width {dec.get('width')}; its black-box "
+        f"surrogate trains {sur.get('steps')} steps of {sur.get('batch')} through the frozen server half. The "
+        "*strong* attacker (`experiments/strong_attack.py`) is a U-Net trained until its validation PSNR on held-out "
+        "public images stops improving, with a FORA-aligned surrogate (section *Weak vs strong attacker*), on "
+        f"{', '.join(f'{k}x' for k in budget.get('public_scales', [1]))} the public pool (the larger pools for the "
+        "first seed's acceptance configurations). Tables show `weak / strong`; the plots and the noise tables "
+        "show the weak attacker.",
         f"* **Exactly the ledger's bytes**: in every row, the captured message is {'exactly' if exact else 'NOT'} "
         "the ledger row's `wire_bytes` long, and the features the decoder consumes are "
         f"{'exactly' if consumed_ok else 'NOT'} the row's `feature_bytes` (text-mode `ids` rows; with "
@@ -191,12 +196,13 @@ def report_markdown(df: pd.DataFrame, full: pd.DataFrame, config: dict, grids: d
     ]
     for d in [d for d in datasets if d in ("faces", "pathology")]:
         md += [f"## {d}: identity vs RD-FSQ b = 1, 2, 3 vs AlignedVQ", "",
-               attack_table(s, d, methods=("identity", "rdfsq", "vq"), max_bits=3), ""]
+               attack_table(s_all, d, methods=("identity", "rdfsq", "vq"), max_bits=3), ""]
     md += ["## Every compressor at b = 1..4 (white-box; seed 0 unless the seeds column says otherwise)", ""]
     for d in datasets:
-        md += [f"### {d}", "", attack_table(s, d), ""]
+        md += [f"### {d}", "", attack_table(s_all, d), ""]
     md += ["![PSNR vs bits](privacy_psnr_vs_bits.png)", "",
            "![PSNR vs bytes](privacy_psnr_vs_bytes.png)", ""]
+    md += strong_section(full, df, config, datasets, curves_png)
     md += ["## Defence: Gaussian noise on the pre-quantisation features (`feature-noise` σ)", "",
            "The client adds `σ·n` (`n ~ N(0, I)`, seeded by the run seed and the image, `sim/feature_noise.py`) to "
            "its features before the compressor, in training and inference alike. σ is absolute: the median RMS of "
@@ -216,16 +222,21 @@ def report_markdown(df: pd.DataFrame, full: pd.DataFrame, config: dict, grids: d
             md += [f"The `{d}` grid is written to `{shown.as_posix()}` only (git-ignored, outside the results): the "
                    "faces are photographs of real people.", ""]
     md += ["## What the server learns besides the image features", "",
-           "Measured on the same captured replies (`prompt_token_recovery`, `answer_recovery` in the CSV):", "",
+           "Measured on the same captured replies (`prompt_token_recovery`, `prompt_exact_recovery`, "
+           "`answer_recovery` in the CSV):", "",
            _text_section(df, full), "",
            "* **`text-mode=ids`** (default): every training reply carries each question *and answer* as token ids, "
            "with the loss mask; every evaluation reply carries the prompts, the reference answers (the server "
            "scores them), the question type and where the image goes. The server reads all of it.",
            "* **`text-mode=quantized`**: the question tokens travel as quantised embeddings of the LLM's own input "
            "table (the client holds a frozen copy). A white-box server encodes its public prompts the same way and "
-           "reads each decoded vector as the token whose encodings lie nearest on average (`TextInverter` in "
-           "`experiments/attack.py`; measured above); the answers, the training labels, still go up as ids "
-           "because the server computes the loss.",
+           "either reads each decoded vector as the token whose encodings lie nearest on average (the weak reader, "
+           "`TextInverter` in `experiments/attack.py`) or trains a decoder from the decoded text stream to the "
+           "tokens, CapRecover-style (Xiu & Zhang, arXiv 2507.22828; the strong reader, `experiments/text_attack.py`: "
+           "per-token logits with two convolutions of context, cross-entropy, stopped when the token accuracy on "
+           "held-out public prompts stops improving); both measured above. The questions come from a few templates "
+           "per dataset, so reading a question also reveals its type. The answers, the training labels, still go "
+           "up as ids because the server computes the loss.",
            "* In both modes the server therefore learns each image's **label**: for `faces` whether it shows a "
            "face, its brightness and contrast class; for `pathology` the stain level, stain strength and nuclei "
            "class of every tile. These are exactly the sensitive attributes of the case studies.",
@@ -250,26 +261,35 @@ def report_markdown(df: pd.DataFrame, full: pd.DataFrame, config: dict, grids: d
            "",
            "* Tiny 32-pixel images and a tiny model trained for a short budget; a larger vision tower carries more "
            "detail and is likely easier to invert, not harder.",
-           "* One learning-based decoder with a fixed budget: a stronger attacker (more steps, a larger decoder, "
-           "optimisation-based inversion, image priors) only raises these numbers. The black-box attack is one "
-           "simple surrogate strategy; its failure does not prove that no black-box attack works.",
+           "* Two learning-based decoders, the larger one trained to a validation plateau; other attackers "
+           "(optimisation-based inversion, image priors, generative decoders) can only raise these numbers. The "
+           "black-box attacks are two surrogate strategies (task loss, and task loss plus FORA's MMD alignment "
+           "without its discriminator); their failure does not prove that no black-box attack works.",
+           "* The faces public pool holds 40 source images: its 2x and 4x pools are more augmented crops of the "
+           "same people, not more people, so they test more data of one kind, not more diversity.",
            "* The public pool is a different part of the same source images (a realistic domain shift); an "
            "attacker with more similar images does better.",
            "",
            "## Files",
            "",
-           "`privacy.csv` (one row per victim x threat), `privacy_summary.csv` (means over seeds), "
-           "`privacy_config.json` (budget, grid gaps, errors), the PNG plots and the pathology example grid.",
+           "`privacy.csv` (one row per victim x threat x attacker x public-pool scale), `privacy_curves.csv` (the "
+           "strong attacker's learning curves: step, training loss, validation PSNR or token accuracy), "
+           "`privacy_summary.csv` (means over seeds), `privacy_config.json` (budget, grid gaps, errors), the PNG "
+           "plots and the pathology example grid.",
            ""]
     return "\n".join(md)
 
 
 # ----------------------------------------------------------------------------- report
 def write_report(csv_path: Path, examples: Path, out: Path, quick: bool = False) -> None:
-    df = pd.read_csv(csv_path)
+    df = with_attacker_columns(pd.read_csv(csv_path))
     full = summarise(df)
     full.to_csv(out / "privacy_summary.csv", index=False)
-    s = full[full.text_mode == "ids"]  # the image results; text-mode=quantized has its own section
+    s = weak_view(full[full.text_mode == "ids"])  # the image results; text-mode=quantized has its own section
+    curves_csv = csv_path.with_name(csv_path.stem + "_curves.csv")
+    curves = pd.read_csv(curves_csv) if curves_csv.exists() else pd.DataFrame(columns=["target"])
+    curves = curves.drop_duplicates([c for c in ("key", "target", "step") if c in curves])  # a rerun after a crash
+    curves_png = plot_learning_curves(curves, out / "privacy_learning_curves.png")
     plot_psnr_vs_bits(s, out / "privacy_psnr_vs_bits.png")
     plot_utility(s, out / "privacy_utility.png")
     plot_psnr_vs_bytes(s, out / "privacy_psnr_vs_bytes.png")
@@ -279,4 +299,4 @@ def write_report(csv_path: Path, examples: Path, out: Path, quick: bool = False)
         if example_grid(examples, d, target):
             grid_files[d] = target
     config = json.loads((out / "privacy_config.json").read_text()) if (out / "privacy_config.json").exists() else {}
-    (out / "privacy.md").write_text(report_markdown(df, full, config, grid_files, out, quick))
+    (out / "privacy.md").write_text(report_markdown(df, full, config, grid_files, out, quick, curves_png))

@@ -3,8 +3,9 @@
 ``app`` is the component named in ``pyproject.toml`` (used by ``flwr run`` and the
 deployment runtime); it reads the config from ``context.run_config``.
 :func:`make_server_app` builds the same app around an already validated config for
-``python -m sim run``. The run directory, results and checkpoints are
-:class:`sim.run.server_main.ServerRun`'s; the rounds are the strategy's engine's.
+``python -m sim run``. Both resume the same way: run-config key ``resume`` continues the
+run in ``out-dir/run-name`` from its ``checkpoint.pt``. The run directory, results and
+checkpoints are :class:`sim.run.server_main.ServerRun`'s; the rounds are the strategy's engine's.
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ from strategies import SplitFedStrategy
 SIM_PULL_INTERVAL_S = 0.005
 
 
-def run_server(grid: Grid, cfg: SplitConfig, run_dir: Path, resume: bool = False) -> dict:
+def run_server(grid: Grid, cfg: SplitConfig, run_dir: Path) -> dict:
     """Train for ``num-server-rounds`` and write ``run_dir``; returns summary.json's content
-    (``resume=True``: continue from ``run_dir/checkpoint.pt``)."""
+    (``cfg.resume``: continue from ``run_dir/checkpoint.pt``)."""
     if hasattr(grid, "pull_interval"):  # the simulation's InMemoryGrid
         grid.pull_interval = min(grid.pull_interval, SIM_PULL_INTERVAL_S)
-    run = ServerRun(cfg, run_dir, resume)
+    run = ServerRun(cfg, run_dir)
     strategy = SplitFedStrategy(run.cfg, run.server, run.ledger, on_round=run.on_round,
                                 first_round=run.first_round, resumed_from=run.resumed_from)
     run.attach(strategy.engine)
@@ -42,13 +43,13 @@ def run_server(grid: Grid, cfg: SplitConfig, run_dir: Path, resume: bool = False
     return run.finish()
 
 
-def make_server_app(cfg: SplitConfig, run_dir: Path, resume: bool = False) -> ServerApp:
+def make_server_app(cfg: SplitConfig, run_dir: Path) -> ServerApp:
     """A ServerApp bound to a validated config (the simulation runner's entry)."""
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        run_server(grid, cfg, run_dir, resume=resume)
+        run_server(grid, cfg, run_dir)
 
     return server_app
 
@@ -58,6 +59,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """``flwr run`` entry: config from ``[tool.flwr.app.config]`` + ``--run-config``."""
+    """``flwr run`` entry: config from ``[tool.flwr.app.config]`` + ``--run-config`` (with
+    ``resume=true``, the run in ``out-dir/run-name`` continues from its checkpoint)."""
     cfg = SplitConfig.from_run_config(context.run_config)
     run_server(grid, cfg, resolve_run_dir(cfg))

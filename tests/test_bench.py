@@ -53,8 +53,30 @@ def test_quick_benchmark_runs_everything(tmp_path):
     figures (above) and the Flower paths through the simulation and parity tests."""
     assert bench.main(["--quick", "--out", str(tmp_path)]) == 0
     df = pd.read_csv(tmp_path / "bench.csv")
-    assert {"P1", "P1-curve", "P2", "P4", "P5", "P6", "profile"} <= set(df["figure"])
+    assert {"P1", "P1-curve", "P1d", "P2", "P4", "P5", "P6", "profile"} <= set(df["figure"])
     assert (tmp_path / "bench.json").is_file()
+
+
+@pytest.mark.slow
+def test_quick_deployment_figure_and_its_breakdown(tmp_path):
+    """``--quick --only P1d``: one run of the tiny config on a TLS deployment with 2
+    SuperNodes, beside the in-process reference (~3 min on the 2-core box at a load of 4-5;
+    run with ``-m slow``). The breakdown's components are the last reply's of each exchange,
+    so they add up to its wait; none may be negative beyond clock granularity (/proc start
+    times count in 10 ms ticks), i.e. a client never reports more than the server waited."""
+    from experiments.bench_sim import BREAKDOWN
+
+    assert bench.main(["--quick", "--only", "P1d", "--out", str(tmp_path)]) == 0
+    df = pd.read_csv(tmp_path / "bench.csv")
+    row = df[df["figure"] == "P1d"].iloc[0]
+    assert row["value"] > 0 and row["clients"] == 2 and row["exchanges"] == 3  # 4 steps, 2 per exchange
+    parts = {c: row[c] for c in (*BREAKDOWN, "t_server")}
+    assert all(v >= -0.05 for v in parts.values()), parts
+    assert sum(row[c] for c in BREAKDOWN) <= row["exchange_s"] + 0.05
+    # every deployment message starts a process that imports torch and rebuilds the client
+    assert row["t_start"] > 0 and row["t_import_torch"] > 0 and row["t_rebuild"] > 0 and row["t_compute"] > 0
+    md = (tmp_path / "bench.md").read_text()
+    assert "| P1d |" in md and "## Where an exchange's time goes" in md and "| deployment | tiny config |" in md
 
 
 def test_a_missed_target_is_reported_with_its_reason(tmp_path):

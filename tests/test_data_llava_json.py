@@ -174,3 +174,86 @@ def test_load_examples_validation():
     syn = load_examples("synthetic", "ignored.json", 16, 12, 4)
     assert len(syn) == 12 and syn[0].image.shape == (16, 16, 3)
     assert load_examples("synthetic", "", 16, 12, 4)[0] is syn[0]
+
+
+# ----------------------------------------------------------------------------- paths outside the dataset folder
+def _escape_case(tmp_path: Path, image_ref) -> Path:
+    """``set/data.json`` with a good record (a nested subfolder) and record 1 naming ``image_ref``;
+    ``secret.png`` lies outside ``set/``."""
+    root = tmp_path / "set"
+    (root / "images" / "a").mkdir(parents=True)
+    Image.new("RGB", (8, 8), (0, 255, 0)).save(root / "images" / "a" / "ok.png")
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path / "secret.png")
+    recs = [{"id": "good", "image": "images/a/ok.png", "conversations": OK},
+            {"id": "esc", "image": image_ref(root) if callable(image_ref) else image_ref, "conversations": OK}]
+    path = root / "data.json"
+    path.write_text(json.dumps(recs))
+    return path
+
+
+def _linked(root: Path) -> str:
+    (root / "images" / "link.png").symlink_to(root.parent / "secret.png")
+    return "images/link.png"
+
+
+def _linked_dir(root: Path) -> str:
+    (root / "images" / "outside").symlink_to(root.parent, target_is_directory=True)
+    return "images/outside/secret.png"
+
+
+ESCAPES = {
+    "relative ..": "../secret.png",
+    "deep relative ..": "images/a/../../../secret.png",
+    "absolute elsewhere": lambda root: str(root.parent / "secret.png"),
+    "system file": "../../../../../../../../etc/passwd",
+    "symlinked file": _linked,
+    "symlinked folder": _linked_dir,
+}
+
+
+@pytest.mark.parametrize("mode", ["error", "skip"])
+@pytest.mark.parametrize("case", sorted(ESCAPES))
+def test_image_path_outside_the_folder_is_refused_in_both_modes(tmp_path, case, mode):
+    path = _escape_case(tmp_path, ESCAPES[case])
+    ref = json.loads(path.read_text())[1]["image"]
+    with pytest.raises(DataError) as err:
+        load_llava_json(path, image_size=8, on_bad_record=mode)
+    msg = str(err.value)
+    assert str(path) in msg and "record 1 (id='esc')" in msg and repr(ref) in msg
+    assert "outside the dataset folder" in msg and "data-allow-outside-paths" in msg
+
+
+@pytest.mark.parametrize("case", sorted(set(ESCAPES) - {"system file"}))
+def test_allow_outside_paths_loads_them(tmp_path, case):
+    path = _escape_case(tmp_path, ESCAPES[case])
+    ex, skipped = load_llava_json(path, image_size=8, allow_outside_paths=True)
+    assert skipped == 0 and len(ex) == 2
+    assert (ex[0].image == (0, 255, 0)).all() and (ex[1].image == 9).all()
+
+
+def test_nested_and_absolute_paths_inside_the_folder_still_load(tmp_path):
+    path = _escape_case(tmp_path, lambda root: str(root / "images" / "a" / "ok.png"))
+    recs = json.loads(path.read_text())
+    recs.append({"id": "dots", "image": "images/a/../a/./ok.png", "conversations": OK})
+    path.write_text(json.dumps(recs))
+    ex, skipped = load_llava_json(path, image_size=8)
+    assert skipped == 0 and len(ex) == 3 and all((e.image == (0, 255, 0)).all() for e in ex)
+
+
+def test_a_symlinked_dataset_folder_is_its_own_inside(tmp_path):
+    real = _escape_case(tmp_path, "images/a/ok.png").parent
+    (tmp_path / "alias").symlink_to(real, target_is_directory=True)
+    ex, _ = load_llava_json(tmp_path / "alias" / "data.json", image_size=8)
+    assert len(ex) == 2
+
+
+def test_the_run_config_key_reaches_the_loader(tmp_path):
+    path = _escape_case(tmp_path, "../secret.png")
+    with pytest.raises(DataError, match="outside the dataset folder"):
+        load_examples("llava-json", str(path), 8, 10, 0, on_bad_record="skip")
+    assert len(load_examples("llava-json", str(path), 8, 10, 0, allow_outside_paths=True)) == 2
+    from sim.config import SplitConfig
+
+    cfg = SplitConfig.from_run_config({"dataset": "llava-json", "data-path": str(path)})
+    assert cfg.data_allow_outside_paths is False
+    assert SplitConfig.from_run_config({"data-allow-outside-paths": "true"}).data_allow_outside_paths is True

@@ -4,7 +4,9 @@ runtime dependency installation disabled (``sim/deploy.py``).
 
 The smoke test (default suite) checks that plain HTTP and an unregistered SuperNode are
 refused, and that a one-round run finishes with the same losses, accuracy and bytes
-as ``python -m sim run`` on the Ray simulation for the same config. The slow test kills one SuperNode's whole process group mid-round.
+as ``python -m sim run`` on the Ray simulation for the same config. The slow tests kill
+one SuperNode's whole process group mid-round, and kill the ServerApp after round 1 and
+resume the run with ``flwr run --run-config 'resume=true ...'``.
 """
 
 import json
@@ -19,7 +21,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import SCRATCH
+from test_resume import assert_same_run
 
+from sim.run.checkpoint import CHECKPOINT, load_checkpoint
 from sim.run.deploy import LocalDeployment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,3 +115,36 @@ def test_killed_supernode_is_dropped_and_the_round_completes(tmp_path):
     assert list(zip(sent_to_2["exchange"], sent_to_2["direction"])) == [(0, "down"), (0, "up"), (1, "down")]
     summary = json.loads((tmp_path / "kill" / "summary.json").read_text())
     assert summary["rounds"] == 1 and summary["dropped_clients"] >= 1
+
+
+@pytest.mark.slow
+def test_killed_serverapp_resumes_to_the_uninterrupted_result(tmp_path):
+    """A 2-round deployment run whose ServerApp process is SIGKILLed after round 1, then
+    submitted again with ``resume=true``, ends with the steps, metrics and messages of an
+    uninterrupted run on the same SuperNodes, which reload their optimiser state from their
+    ``state-dir``."""
+    t0 = time.monotonic()
+    cfg = SMALL | {"out-dir": str(tmp_path), "expected-clients": 2, "num-server-rounds": 2, "checkpoint": True}
+    sites = [{"state-dir": str(tmp_path / f"site-{i}")} for i in range(2)]
+    straight, killed = tmp_path / "run-a", tmp_path / "run-b"  # equal-length names (they travel in the config)
+    with LocalDeployment(tmp_path / "deployment", 2, tls=False, authenticate=False, node_configs=sites) as dep:
+        first = dep.run(cfg | {"run-name": "run-a"})
+        assert first.ok, f"{first.status}\n{first.output[-3000:]}"
+        outcome = {}
+        runner = threading.Thread(target=lambda: outcome.setdefault("run", dep.run(cfg | {"run-name": "run-b"})))
+        runner.start()
+        deadline = time.monotonic() + 600
+        while not (killed / CHECKPOINT).exists():  # round 1 finished and was saved
+            assert runner.is_alive() and time.monotonic() < deadline, "the run ended before its first checkpoint"
+            time.sleep(0.2)
+        assert dep.kill_serverapp() == 1
+        runner.join(300)
+        assert not runner.is_alive() and not outcome["run"].ok
+        assert load_checkpoint(killed).round == 1 and not (killed / "summary.json").exists()
+        resumed = dep.run(cfg | {"run-name": "run-b", "resume": True})
+        assert resumed.ok, f"{resumed.status}\n{resumed.output[-3000:]}"
+    assert json.loads((killed / "summary.json").read_text())["resumed_from"] == 1
+    assert not (killed / "client-state").exists()  # the sites kept their state on their side
+    assert (tmp_path / "site-1" / "run-b" / "partition-1" / "round-000002.pt").is_file()
+    assert_same_run(straight, killed, resumed_after=1, wire_slack=4)  # run ids are framed with varying lengths
+    print(f"deployment kill and resume: {time.monotonic() - t0:.1f} s")

@@ -19,8 +19,8 @@ DIM = QUICK_BUDGET["hidden-size"]
 @pytest.fixture(scope="module")
 def sweep_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
-    args = ["--quick", "--methods", "identity,fsq,rdfsq,topk,vq", "--bits", "1,2", "--seeds", "0,1", "--jobs", "1",
-            "--out", str(out)]
+    args = ["--quick", "--regime", "scratch", "--methods", "identity,fsq,rdfsq,topk,vq", "--bits", "1,2", "--seeds", "0,1",
+            "--jobs", "1", "--out", str(out)]
     assert bitsweep.main(args) == 0
     return out
 
@@ -52,7 +52,8 @@ def test_bitsweep_bytes_come_from_the_messages(sweep_dir):
 def test_bitsweep_resumes_without_rerunning(sweep_dir, monkeypatch):
     before = pd.read_csv(sweep_dir / "bitsweep.csv")
     monkeypatch.setattr(bitsweep.os, "getloadavg", lambda: (3.25, 2.0, 1.0))  # a machine with other jobs on it
-    args = ["--quick", "--methods", "identity,rdfsq", "--bits", "2", "--seeds", "0,1", "--jobs", "1", "--out", str(sweep_dir)]
+    args = ["--quick", "--regime", "scratch", "--methods", "identity,rdfsq", "--bits", "2", "--seeds", "0,1", "--jobs", "1",
+            "--out", str(sweep_dir)]
     assert bitsweep.main(args) == 0
     after = pd.read_csv(sweep_dir / "bitsweep.csv")
     assert len(after) == len(before)  # every run of the smaller grid was already there
@@ -73,8 +74,8 @@ def test_runs_are_deterministic_given_the_seed():
 def test_heldout_sweep_on_a_llava_json_dataset(tmp_path):
     data = make_heldout.build("pathology", tmp_path / "data", 60, 0, 16)
     out = tmp_path / "out"
-    args = ["--quick", "--data-path", str(data), "--methods", "identity,rdfsq", "--bits", "2", "--seeds", "0",
-            "--jobs", "1", "--out", str(out)]
+    args = ["--quick", "--regime", "scratch", "--data-path", str(data), "--methods", "identity,rdfsq", "--bits", "2",
+            "--seeds", "0", "--jobs", "1", "--out", str(out)]
     assert bitsweep.main(args) == 0
     df = pd.read_csv(out / "heldout.csv")
     assert len(df) == 2 and df.dataset.str.startswith("llava-json:").all()
@@ -155,7 +156,7 @@ def test_claims_report_from_quick_results(sweep_dir, tmp_path):
     assert claims.main(["--results", str(sweep_dir), "--out", str(out)]) == 0
     text = out.read_text()
     assert "| claim | data | our number" in text and "87.50%" in text
-    wall = next(line for line in text.splitlines() if line.startswith("| `python -m experiments.bitsweep` |"))
+    wall = next(line for line in text.splitlines() if line.startswith("| `python -m experiments.bitsweep --regime scratch` |"))
     assert wall.count("|") == 4 and "not recorded" not in wall  # the quick sweep recorded its load average
 
 
@@ -207,6 +208,55 @@ def test_topk_and_vq_claims():
     assert claims.vq_ratio(_summary(BASE + vq), "t", "c").verdict == "undetermined"  # large drop, larger spread
     vq = [("vq", 10, 0.50, 0.01, 3, 10.0, 60, 4200)]
     assert claims.vq_ratio(_summary(BASE + vq), "t", "c").verdict == "not reproduced"  # no drop, but only 205x
+
+
+def _runs(rows):
+    """Per-run rows (method, bits, seed, acc) of a fine-tuning-regime sweep."""
+    return pd.DataFrame([dict(zip(("method", "bits", "seed", "acc"), r)) for r in rows]).assign(dataset="d")
+
+
+def test_fine_tuning_regime_verdicts_are_paired_by_seed():
+    # fsq is 2 points below rdfsq on every seed, while the seeds differ by 10 points: unpaired, that
+    # is noise; paired, the differences (2.0, 2.0, 2.1) have a tiny spread and the claim holds
+    seeds = {0: 0.80, 1: 0.90, 2: 0.70}
+    runs = _runs([("identity", 16, k, a + 0.01) for k, a in seeds.items()]
+                 + [("rdfsq", 2, k, a) for k, a in seeds.items()]
+                 + [("fsq", 2, k, a - 0.02 - (0.001 if k == 2 else 0)) for k, a in seeds.items()])
+    s = _summary([("identity", 16, 0.81, 0.10, 3, 2048, 2100, 400), ("rdfsq", 2, 0.80, 0.10, 3, 256, 300, 400),
+                  ("fsq", 2, 0.7797, 0.10, 3, 256, 300, 400)])
+    assert claims.rdfsq_beats_fsq(s, "t", "c").verdict == "not reproduced (within noise)"  # 2 points < 2 x 10
+    paired = claims.rdfsq_beats_fsq(s, "t", "c", runs)
+    assert paired.verdict == "reproduced" and "paired" in paired.number and "95 % CI" in paired.number
+    # a paired difference whose sign flips between seeds does not count, whatever its mean
+    flip = runs.copy()
+    flip.loc[(flip.method == "fsq") & (flip.seed == 1), "acc"] = 0.95
+    assert claims.rdfsq_beats_fsq(s, "t", "c", flip).verdict == "not reproduced (within noise)"
+
+
+def test_retention_claim_reads_the_foundation_experiment():
+    rows = [{"split": 0.90, "centralized": 0.91}, {"split": 0.89, "centralized": 0.90}]
+    assert claims.retention(rows).verdict == "reproduced"  # 1.79 / 1.81 = 0.989
+    rows = [{"split": 0.88, "centralized": 0.91}, {"split": 0.87, "centralized": 0.90}]
+    v = claims.retention(rows)
+    assert v.verdict == "not reproduced" and "retention 0.967" in v.number
+    assert claims.retention(None).verdict == "undetermined"
+
+
+def test_fine_tuning_sweep_quick_has_paired_columns_and_heads_the_claims(tmp_path):
+    args = ["--quick", "--methods", "identity,fsq,rdfsq", "--bits", "2", "--seeds", "0,1", "--jobs", "1",
+            "--out", str(tmp_path)]
+    assert bitsweep.main(args) == 0  # the default regime: fine-tuning of the shipped checkpoint, 4 clients
+    runs = pd.read_csv(tmp_path / "bitsweep_finetune.csv")
+    assert (runs.clients == 4).all() and (runs.dataset == "pathology").all() and len(runs) == 6
+    s = pd.read_csv(tmp_path / "bitsweep_finetune_summary.csv").set_index("method")
+    r0, r1 = (runs[(runs.method == m)].sort_values("seed").acc.to_numpy() for m in ("rdfsq", "identity"))
+    assert s.loc["rdfsq", "delta_mean"] == pytest.approx((r0 - r1).mean())
+    assert s.loc["rdfsq", "retention"] == pytest.approx(r0.mean() / r1.mean()) and s.loc["identity", "retention"] == 1
+    assert "retention" in (tmp_path / "bitsweep_finetune.md").read_text()
+    out = tmp_path / "results.md"
+    assert claims.main(["--results", str(tmp_path), "--out", str(out)]) == 0
+    table = [line for line in out.read_text().splitlines() if line.startswith("| RD-FSQ beats FSQ")]
+    assert table and "fine-tuning from the checkpoint" in table[0] and "paired" in table[0]
 
 
 def test_pareto_front_and_mean_std():

@@ -14,7 +14,7 @@ import torch
 from conftest import SCRATCH, scratch_cfg
 
 from experiments.attack import DecoderBudget, fit_decoder, image_metrics, reconstruct
-from experiments.privacy_capture import capture_eval_uplink, observe, text_recovery
+from experiments.privacy_capture import TextRecovery, capture_eval_uplink, observe, text_recovery
 from sim.config import ConfigError, SplitConfig
 from sim.data import load_examples
 from sim.data.batches import eval_text, pixels
@@ -88,11 +88,14 @@ def test_capture_reads_labels_in_the_clear(faces_cfg):
     obs = observe(cap, cfg, build_server(cfg))
     rt = client_runtime(cfg, 1, 2)
     prompts, answers = eval_text(rt.data, rt.test_idx)
-    assert text_recovery(obs, prompts, answers) == (1.0, 1.0)
+    assert text_recovery(obs, prompts, answers) == TextRecovery(1.0, 1.0, 1.0)
     tok = get_tokenizer(cfg)
     assert {tok.decode(a) for a in obs.answers} <= {"yes", "no", "dark", "medium", "bright"}
     # a wrong ground truth is not "recovered"
-    assert text_recovery(obs, prompts, [a[::-1] + 1 for a in answers])[1] == 0.0
+    assert text_recovery(obs, prompts, [a[::-1] + 1 for a in answers]).answers == 0.0
+    wrong_first = [np.concatenate([[p[0] + 1], p[1:]]) for p in prompts]
+    got = text_recovery(obs, wrong_first, answers)
+    assert got.prompts_exact == 0.0 and 0.0 < got.prompt_tokens < 1.0
 
 
 # ----------------------------------------------------------------------------- feature noise
@@ -193,6 +196,26 @@ def test_quick_study_runs_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     df = pd.read_csv(out / "privacy.csv")
     assert set(df.threat) == {"white-box", "black-box", "mean-image"}
+    # every threat of every victim has the weak and the strong attacker; the sweep victim also 2x the public pool
+    attacked = df[df.threat != "mean-image"]
+    assert set(attacked.attacker) == {"weak", "strong"} and set(df[df.threat == "mean-image"].attacker) == {"none"}
+    one = attacked[attacked.public_scale == 1]
+    assert (one.groupby(["method", "bits", "sigma", "text_mode", "threat"]).attacker.nunique() == 2).all()
+    assert set(df[df.attacker == "strong"].public_scale) == {1, 2}
+    assert (df[df.public_scale == 2].attacker == "strong").all()
+    strong = df[df.attacker == "strong"]
+    assert (strong.public_images == 96 * strong.public_scale).all() and (strong.decoder_steps <= 12).all()
+    # the learning curves: the kept weights' validation PSNR is the maximum of each curve
+    curves = pd.read_csv(out / "privacy_curves.csv")
+    image = curves[curves.target == "image"]
+    assert set(image.key) == set(strong.key)
+    best = image.groupby("key").val_psnr.max()
+    np.testing.assert_allclose(strong.set_index("key").val_psnr.loc[best.index], best.values)
+    assert (image.groupby("key").step.max() == strong.set_index("key").decoder_steps.loc[best.index].values).all()
+    # the text stream of the quantized victim: both readers measured; the learned one has a curve
+    q = df[df.text_mode == "quantized"]
+    assert set(q.attacker) == {"weak", "strong"} and q.prompt_token_recovery.between(0, 1).all()
+    assert set(curves[curves.target == "text"].key) <= set(q.key) and len(curves[curves.target == "text"])
     assert (df.capture_bytes == df.ledger_wire_bytes).all()
     ids = df[df.text_mode == "ids"]
     assert (ids.consumed_bytes == ids.ledger_feature_bytes).all()
@@ -204,10 +227,18 @@ def test_quick_study_runs_end_to_end(tmp_path):
     assert json.loads((out / "privacy_config.json").read_text())["errors"] == []
     md = (out / "privacy.md").read_text()
     assert "Quick run" in md and "What compression does not protect" in md
+    first = md.split("\n\n")[1]  # the first paragraph after the title
+    assert "`text-mode=ids`" in first and "reads every question and every answer directly" in first
+    ids = df[df.text_mode == "ids"]
+    assert f"{100 * ids.prompt_token_recovery.mean():.1f} % of the question tokens" in first
+    assert f"{100 * q[q.attacker == 'strong'].prompt_token_recovery.mean():.1f} % with a decoder trained" in first
+    assert "![learning curves of the strong attacker](privacy_learning_curves.png)" in md
+    assert (out / "privacy_learning_curves.png").is_file()
+    assert "| `quantized` | learned decoder, 1x public prompts" in md and "Weak vs strong attacker" in md
     # every row of the grid is there, so a rerun would only rebuild the report
     from experiments.inversion import QUICK, done_keys, quick_grid
 
-    want = {v.key(QUICK, t) for v in quick_grid() for t in v.threats}
+    want = set().union(*(v.keys(QUICK) for v in quick_grid()))
     assert done_keys(out / "privacy.csv") == want == set(df.key)
 
 
@@ -242,3 +273,45 @@ def test_rows_of_another_grid_are_set_aside_not_lost(tmp_path):
     assert done_keys(path) == {"current"}
     assert done_keys(tmp_path / "privacy_stale.csv") == {"old"}
     assert set_aside_stale(path, {"current"}) == 0  # idempotent
+
+
+def test_rows_written_before_the_strong_attacker_are_upgraded_and_reused(tmp_path):
+    """An old privacy.csv (no attacker/public_scale columns) is rewritten in the current schema
+    on first touch: its rows become the weak attacker (none for the mean image) on the 1x pool,
+    and keep their keys, which the weak rows of the current grid still hash to."""
+    import csv
+    import hashlib
+    from dataclasses import asdict
+
+    from experiments.inversion import CLIENTS, QUICK, Attack, append_rows, done_keys, quick_grid, set_aside_stale
+    from experiments.privacy_report import with_attacker_columns
+    from experiments.privacy_rows import COLUMNS
+
+    v = quick_grid()[0]
+    old_key = hashlib.sha256(json.dumps(
+        {"cfg": v.config(QUICK).to_run_config(), "threat": "white-box", "clients": CLIENTS, "aux": QUICK.aux_samples,
+         "dec": asdict(QUICK.decoder), "sur": asdict(QUICK.surrogate)}, sort_keys=True).encode()).hexdigest()[:16]
+    assert v.key(QUICK, Attack("white-box", "weak")) == old_key
+    assert v.key(QUICK, Attack("white-box", "strong")) != old_key != v.key(QUICK, Attack("white-box", "strong", 2))
+
+    path = tmp_path / "privacy.csv"
+    old_columns = [c for c in COLUMNS if c not in ("attacker", "public_scale", "prompt_exact_recovery",
+                                                   "public_images", "decoder_steps", "best_step", "val_psnr",
+                                                   "stopped_early")]
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=old_columns)
+        w.writeheader()
+        w.writerow({"key": old_key, "threat": "white-box", "psnr": 20.0})
+        w.writerow({"key": "base", "threat": "mean-image", "psnr": 12.0})
+        w.writerow({"key": "gone", "threat": "black-box", "psnr": 9.0})
+    # the report reads the old file as it is
+    old = with_attacker_columns(pd.read_csv(path))
+    assert list(old.attacker) == ["weak", "none", "weak"] and list(old.public_scale) == [1, 1, 1]
+    assert done_keys(path) == {old_key, "base", "gone"}
+    assert set_aside_stale(path, {old_key, "base", "new"}) == 1
+    append_rows(path, [{"key": "new", "threat": "white-box", "attacker": "strong", "public_scale": 2, "psnr": 25.0}])
+    df = pd.read_csv(path)
+    assert tuple(df.columns) == COLUMNS
+    assert list(df.attacker) == ["weak", "none", "strong"] and list(df.public_scale) == [1, 1, 2]
+    stale = pd.read_csv(tmp_path / "privacy_stale.csv")
+    assert tuple(stale.columns) == COLUMNS and list(stale.key) == ["gone"] and list(stale.attacker) == ["weak"]

@@ -3,8 +3,10 @@
 Fast variant: the real ServerApp loop (``run_server``) and ClientApp over the in-process
 ``LoopbackGrid``; the "crash" is an exception raised when round 2 starts, after round
 1's checkpoint, and the resumed run gets fresh client contexts (as new SuperNodes
-would). Slow variant: ``python -m sim run`` on Ray, killed with SIGKILL after round 1,
-then ``python -m sim run --resume DIR``.
+would). The same through the ``flwr run`` entry (config from ``context.run_config``,
+``resume=true``; the deployment's path) with each site's state in its ``state-dir``.
+Slow variant: ``python -m sim run`` on Ray, killed with SIGKILL after round 1, then
+``python -m sim run --resume DIR``; a killed deployment run is in tests/test_deployment.py.
 """
 
 import json
@@ -21,6 +23,9 @@ import torch
 from conftest import SCRATCH, scratch_cfg
 from loopback import LoopbackGrid, request_where
 
+from flwr.app import Context, RecordDict
+
+from server_app.server_app import main as flwr_run_main
 from server_app.server_app import run_server
 from sim.config import ConfigError, SplitConfig
 from sim.run.checkpoint import CHECKPOINT, load_checkpoint
@@ -98,9 +103,38 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     ckpt = load_checkpoint(resumed)
     assert ckpt.round == 1 and not (resumed / "summary.json").exists()
     assert len(pd.read_csv(resumed / "metrics.csv")) == 1
-    summary = run_server(LoopbackGrid(3), cfg, resumed, resume=True)
+    summary = run_server(LoopbackGrid(3), cfg.replace(resume=True), resumed)
     assert summary["resumed_from"] == 1
     assert_same_run(straight, resumed, resumed_after=1)
+
+
+def test_flwr_run_entry_resumes_with_the_run_config_key_and_the_sites_state_dirs(tmp_path):
+    """What ``flwr run --run-config 'resume=true ...'`` does on a deployment: the ServerApp
+    reads ``resume`` from its run config, and sites with a ``state-dir`` reload their
+    optimiser state from there (a lost state would change every later step)."""
+    straight, resumed = tmp_path / "run-a", tmp_path / "run-b"
+    run_server(LoopbackGrid(3), small_cfg(tmp_path, "run-a"), straight)
+    sites = [{"state-dir": str(tmp_path / f"site-{i}")} for i in range(3)]
+
+    def flwr_run(grid: LoopbackGrid, **over) -> None:
+        run_config = small_cfg(tmp_path, "run-b").to_run_config() | over  # what Flower hands the ServerApp
+        flwr_run_main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+
+    with pytest.raises(Crash):
+        flwr_run(LoopbackGrid(3, sites, tamper=crash_at_round(2)))
+    flwr_run(LoopbackGrid(3, sites), resume=True)
+    assert json.loads((resumed / "summary.json").read_text())["resumed_from"] == 1
+    assert json.loads((resumed / "config.json").read_text())["resume"] is False  # the run's files: as uninterrupted
+    assert load_checkpoint(resumed).config["resume"] is False
+    assert not (resumed / "client-state").exists()
+    for i in range(3):
+        assert (tmp_path / f"site-{i}" / "run-b" / f"partition-{i}" / "round-000003.pt").is_file()
+    assert_same_run(straight, resumed, resumed_after=1)
+
+
+def test_resume_needs_a_run_name(tmp_path):
+    with pytest.raises(ConfigError, match="'resume'.*run-name"):
+        small_cfg(tmp_path, "", resume=True)
 
 
 def test_resumed_run_with_error_feedback_equals_uninterrupted_run(tmp_path):
@@ -112,7 +146,7 @@ def test_resumed_run_with_error_feedback_equals_uninterrupted_run(tmp_path):
     cfg = small_cfg(tmp_path, "run-b", **kw)
     with pytest.raises(Crash):
         run_server(LoopbackGrid(3, tamper=crash_at_round(2)), cfg, resumed)
-    run_server(LoopbackGrid(3), cfg, resumed, resume=True)
+    run_server(LoopbackGrid(3), cfg.replace(resume=True), resumed)
     assert_same_run(straight, resumed, resumed_after=1)
 
 
@@ -136,9 +170,9 @@ def test_resume_refuses_a_changed_config_and_a_missing_checkpoint(tmp_path):
     with pytest.raises(Crash):
         run_server(LoopbackGrid(3, tamper=crash_at_round(2)), cfg, tmp_path / "r")
     with pytest.raises(ConfigError, match="lr"):
-        run_server(LoopbackGrid(3), cfg.replace(lr=0.01), tmp_path / "r", resume=True)
+        run_server(LoopbackGrid(3), cfg.replace(lr=0.01, resume=True), tmp_path / "r")
     with pytest.raises(FileNotFoundError, match=CHECKPOINT):
-        run_server(LoopbackGrid(3), small_cfg(tmp_path, "none"), tmp_path / "none", resume=True)
+        run_server(LoopbackGrid(3), small_cfg(tmp_path, "none", resume=True), tmp_path / "none")
 
 
 # ----------------------------------------------------------------------------- the real kill

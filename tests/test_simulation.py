@@ -13,7 +13,8 @@ from sim.training.transport import InProcessTransport, client_threads
 from conftest import SMALL, run_cli
 
 def test_run_directory_is_complete(sim_run):
-    for name in ("config.json", "metrics.csv", "ledger.csv", "steps.csv", "summary.json", "accuracy.png", "bytes.png"):
+    for name in ("config.json", "metrics.csv", "ledger.csv", "steps.csv", "timing.csv", "summary.json", "accuracy.png",
+                 "bytes.png"):
         assert (sim_run / name).is_file(), name
     summary = json.loads((sim_run / "summary.json").read_text())
     for key in ("accuracy", "rounds", "clients", "compressor", "bits", "uplink_bytes", "downlink_bytes",
@@ -30,6 +31,10 @@ def test_ledger_adds_up_to_the_summary(sim_run):
     assert (ledger.wire_bytes > ledger.payload_bytes).all()
     # every exchange has a request and a reply per client: 1 hello + 2 rounds x (3 train + 1 eval)
     assert len(ledger) == 2 * 2 * (1 + 2 * (3 + 1))
+    # and every reply a timing row (sim/training/timing.py), the Ray workers' imports charged once each
+    timing = pd.read_csv(sim_run / "timing.csv")
+    assert len(timing) == (ledger.direction == "up").sum() and (timing[["start_s", "load_s"]] == 0).all().all()
+    assert 0 < (timing["import_torch_s"] + timing["import_transformers_s"] + timing["import_project_s"] > 0).sum() <= 2
 
 
 def test_in_process_run_is_the_same_run(sim_run, in_process_run):

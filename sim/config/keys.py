@@ -140,7 +140,10 @@ CORE: tuple[Setting, ...] = (
       "in round R, exchange E or `eval`), `delay@P:R:E:S` (replies S seconds late); docs/reliability.md",
       check=_fault_spec),
     S("checkpoint", True, "save `checkpoint.pt` in the run directory after every round (and each client's optimiser "
-      "state under `client-state/`), so `python -m sim run --resume DIR` can continue"),
+      "state under `client-state/` or the SuperNode's `state-dir`), so the run can be resumed"),
+    S("resume", False, "continue the run in `out-dir/run-name` from its `checkpoint.pt` (the rest of the config must "
+      "equal the checkpoint's); `python -m sim run --resume DIR` and `python -m sim deploy --resume DIR` set it, "
+      "`flwr run` takes it in `--run-config` (docs/reliability.md)"),
     # --- compression -----------------------------------------------------------------------
     S("compressor", "rdfsq", "the uplink codec of the image features: a registered codec serving the image stream "
       "(`python -m sim codecs` lists them; docs/compressors.md)", choices=lambda: codec_names("image"),
@@ -196,6 +199,9 @@ CORE: tuple[Setting, ...] = (
     S("on-bad-record", "error", "bad LLaVA records (missing or unreadable image, malformed conversation): `error` "
       "stops with the file and record named; `skip` skips and counts them (`bad_records` in summary.json)",
       choices=("error", "skip")),
+    S("data-allow-outside-paths", False, "let LLaVA records name images outside the JSON file's folder (`..`, absolute "
+      "paths, symlinks resolving elsewhere); off, such a record stops the run with the file, record and path named, "
+      "whatever `on-bad-record` says (docs/reliability.md)"),
     # --- model -----------------------------------------------------------------------------
     S("vision-tower", TINY, "`tiny` (built from config) or a local directory / hub id (`from_pretrained`)"),
     S("llm", TINY, "`tiny` or a local directory / hub id"),

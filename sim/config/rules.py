@@ -135,6 +135,12 @@ def _models(c: SplitConfig) -> None:
         raise ConfigError(f"Config key 'patch-size' ({c.patch_size}) must divide 'image-size' ({c.image_size}).")
 
 
+def _resume(c: SplitConfig) -> None:
+    if c.resume and not c.run_name:
+        raise ConfigError("Config key 'resume' continues the run in out-dir/run-name; set 'run-name' to that run's "
+                          "directory name (an empty one names a new directory).")
+
+
 def _precision(c: SplitConfig) -> None:
     """fp16 autocast needs an accelerator (``auto`` is resolved, and checked, where the models are built)."""
     if c.precision != "fp16":
@@ -146,4 +152,4 @@ def _precision(c: SplitConfig) -> None:
 
 
 RULES = (_init, _stages, _split_block_exists, _stream_codecs, _entropy_coding, _grad_entropy_coding, _dataset, _models,
-         _precision)
+         _precision, _resume)

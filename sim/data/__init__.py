@@ -53,21 +53,22 @@ FEDERATION_POOL = "private"  # case-study runs never touch the public (attacker'
 @functools.lru_cache(maxsize=4)
 def _load_cached(
     dataset: str, data_path: str, file_stamp: tuple[int, int] | None, image_size: int, num_samples: int, seed: int,
-    on_bad_record: str,
+    on_bad_record: str, allow_outside_paths: bool,
 ) -> tuple[tuple[VQAExample, ...], int]:
     """The examples and how many bad records were skipped."""
     if dataset == "synthetic":
         return tuple(generate_synthetic_vqa(num_samples, seed, image_size)), 0
     if dataset in CASE_STUDY_DATASETS:
         return tuple(CASE_STUDY_DATASETS[dataset](num_samples, seed, image_size, FEDERATION_POOL)), 0
-    examples, skipped = load_llava_json(data_path, image_size, on_bad_record)
+    examples, skipped = load_llava_json(data_path, image_size, on_bad_record, allow_outside_paths)
     if not examples:
         raise DataError(f"{data_path}: no usable records")
     return tuple(examples), skipped
 
 
 def load_examples(
-    dataset: str, data_path: str, image_size: int, num_samples: int, seed: int, on_bad_record: str = "error"
+    dataset: str, data_path: str, image_size: int, num_samples: int, seed: int, on_bad_record: str = "error",
+    allow_outside_paths: bool = False,
 ) -> list[VQAExample]:
     """Load a whole dataset (cached in-process per arguments).
 
@@ -84,17 +85,20 @@ def load_examples(
         Generator seed.
     on_bad_record : {"error", "skip"}
         Policy for bad LLaVA records.
+    allow_outside_paths : bool
+        Let LLaVA records name images outside the JSON file's folder (``data-allow-outside-paths``).
 
     Returns
     -------
     list of VQAExample
         A new list each call (the examples themselves are shared and read-only).
     """
-    return list(_load(dataset, data_path, image_size, num_samples, seed, on_bad_record)[0])
+    return list(_load(dataset, data_path, image_size, num_samples, seed, on_bad_record, allow_outside_paths)[0])
 
 
 def _load(
-    dataset: str, data_path: str, image_size: int, num_samples: int, seed: int, on_bad_record: str
+    dataset: str, data_path: str, image_size: int, num_samples: int, seed: int, on_bad_record: str,
+    allow_outside_paths: bool,
 ) -> tuple[tuple[VQAExample, ...], int]:
     if dataset not in DATASETS:
         raise ValueError(f"Config key 'dataset' must be one of {DATASETS}, got {dataset!r}")
@@ -112,14 +116,16 @@ def _load(
         if p.is_file():  # a changed file is a different cache entry
             st = p.stat()
             stamp = (st.st_mtime_ns, st.st_size)
-    return _load_cached(dataset, data_path, stamp, int(image_size), int(num_samples), int(seed), on_bad_record)
+    return _load_cached(dataset, data_path, stamp, int(image_size), int(num_samples), int(seed), on_bad_record,
+                        bool(allow_outside_paths))
 
 
 def bad_record_count(
-    dataset: str, data_path: str, image_size: int, num_samples: int, seed: int, on_bad_record: str = "error"
+    dataset: str, data_path: str, image_size: int, num_samples: int, seed: int, on_bad_record: str = "error",
+    allow_outside_paths: bool = False,
 ) -> int:
     """How many records :func:`load_examples` skipped (``on-bad-record=skip``) for these arguments."""
-    return _load(dataset, data_path, image_size, num_samples, seed, on_bad_record)[1]
+    return _load(dataset, data_path, image_size, num_samples, seed, on_bad_record, allow_outside_paths)[1]
 
 
 def client_shard(

@@ -6,7 +6,13 @@ The file is a JSON list of records::
       "conversations": [{"from": "human", "value": "<image>\\nWhat is ...?"},
                         {"from": "gpt", "value": "..."}, ...]}, ...]
 
-Image paths are relative to the JSON file's directory (absolute paths allowed).
+Image paths are relative to the JSON file's directory, the dataset's folder (absolute
+paths allowed). A path that resolves outside that folder (``..``, an absolute path
+elsewhere, a symlink pointing out) is refused with :class:`DataError` naming the record,
+whatever ``on_bad_record`` says, unless ``allow_outside_paths`` (run-config key
+``data-allow-outside-paths``; docs/reliability.md, "Bad local input"): a shared JSON file
+must not make a site read files it never meant to share.
+
 Turns must alternate human/gpt starting with human and ending with gpt; the
 ``<image>`` placeholder is removed from the human text. An optional ``qtype`` (or
 ``type``) string field sets :attr:`VQAExample.qtype`, else ``"llava"``.
@@ -94,7 +100,22 @@ def _load_image(path: Path, image_size: int) -> np.ndarray:
     return np.asarray(rgb, dtype=np.uint8).copy()
 
 
-def load_llava_json(path: str | Path, image_size: int, on_bad_record: str = "error") -> tuple[list[VQAExample], int]:
+def _check_inside(img_path: Path, img_ref: str, root: Path, where: str) -> None:
+    """Refuse (:class:`DataError`, never skipped) an image path that resolves, symlinks
+    followed, outside the dataset folder ``root`` (itself resolved)."""
+    try:
+        target = img_path.resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise _BadRecord(f"cannot resolve image path {img_ref!r}: {e}") from e
+    if not target.is_relative_to(root):
+        raise DataError(f"{where}: image path {img_ref!r} resolves to {str(target)!r}, outside the dataset folder "
+                        f"{str(root)!r}; refused whatever on-bad-record says (set data-allow-outside-paths=true "
+                        "to allow it)")
+
+
+def load_llava_json(
+    path: str | Path, image_size: int, on_bad_record: str = "error", allow_outside_paths: bool = False
+) -> tuple[list[VQAExample], int]:
     """Load a LLaVA conversation JSON file.
 
     Parameters
@@ -105,6 +126,9 @@ def load_llava_json(path: str | Path, image_size: int, on_bad_record: str = "err
         Images are converted to RGB and resized (bicubic) to ``image_size`` squared.
     on_bad_record : {"error", "skip"}
         Raise :class:`DataError` on a bad record, or log a warning and skip it.
+    allow_outside_paths : bool
+        Accept image paths that resolve outside the JSON file's folder; when False such a
+        record raises :class:`DataError` under either policy.
 
     Returns
     -------
@@ -119,6 +143,7 @@ def load_llava_json(path: str | Path, image_size: int, on_bad_record: str = "err
     path = Path(path).expanduser()
     records = _read_json(path)
     root = path.parent
+    inside = root.resolve()
     cache: dict[Path, np.ndarray] = {}
     examples: list[VQAExample] = []
     skipped = 0
@@ -131,11 +156,13 @@ def load_llava_json(path: str | Path, image_size: int, on_bad_record: str = "err
             img_ref = rec.get("image")
             if not isinstance(img_ref, str) or not img_ref.strip():
                 raise _BadRecord("record has no 'image' (this project is image-conditioned)")
+            img_path = Path(img_ref).expanduser()
+            img_path = img_path if img_path.is_absolute() else root / img_path
+            if not allow_outside_paths:
+                _check_inside(img_path, img_ref, inside, where)
             if "conversations" not in rec:
                 raise _BadRecord("record has no 'conversations'")
             turns = _parse_turns(rec["conversations"])
-            img_path = Path(img_ref).expanduser()
-            img_path = img_path if img_path.is_absolute() else root / img_path
             if img_path not in cache:
                 cache[img_path] = _load_image(img_path, image_size)
             qtype = rec.get("qtype", rec.get("type"))

@@ -90,17 +90,19 @@ def load_tokenizer(ref: str) -> PreTrainedTokenizerBase:
 
 
 @functools.lru_cache(maxsize=8)
-def _cached(tokenizer: str, dataset: str, data_path: str, image_size: int, num_samples: int, seed: int, on_bad: str):
+def _cached(tokenizer: str, dataset: str, data_path: str, image_size: int, num_samples: int, seed: int, on_bad: str,
+            outside_ok: bool):
     if tokenizer != "auto":
         return load_tokenizer(tokenizer)
     if dataset == "synthetic":
         return build_word_tokenizer(synthetic_vocabulary())
     if dataset in CASE_STUDY_VOCABULARIES:
         return build_word_tokenizer(CASE_STUDY_VOCABULARIES[dataset]())
-    examples = load_examples(dataset, data_path, image_size, num_samples, seed, on_bad)
+    examples = load_examples(dataset, data_path, image_size, num_samples, seed, on_bad, outside_ok)
     return build_word_tokenizer(text for ex in examples for turn in ex.turns for text in turn)
 
 
 def get_tokenizer(cfg: SplitConfig) -> PreTrainedTokenizerBase:
     """``tokenizer=auto``: a word-level table from the dataset's text; else from_pretrained."""
-    return _cached(cfg.tokenizer_source, cfg.dataset, cfg.data_path, cfg.image_size, cfg.num_samples, cfg.seed, cfg.on_bad_record)
+    return _cached(cfg.tokenizer_source, cfg.dataset, cfg.data_path, cfg.image_size, cfg.num_samples, cfg.seed,
+                   cfg.on_bad_record, cfg.data_allow_outside_paths)

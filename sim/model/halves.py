@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -309,7 +308,13 @@ def build_client_model(cfg: SplitConfig, vocab_size: int | None = None, device: 
 
 def apply_lora(llm: PreTrainedModel, rank: int, alpha: float) -> nn.Module:
     """LoRA adapters (``peft``) on every linear layer of the LLM but the output head; the
-    base weights are frozen, so only the adapters train (LLaVA-AlignedVQ section 3.2.3)."""
+    base weights are frozen, so only the adapters train (LLaVA-AlignedVQ section 3.2.3).
+
+    ``peft`` is imported here, not with the module: only a server half with LoRA needs it,
+    and every deployment message's ClientApp process imports this module
+    (docs/deployment.md, "Cost on loopback")."""
+    from peft import LoraConfig, get_peft_model
+
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none", target_modules="all-linear")
     return get_peft_model(llm, config)
 

@@ -4,6 +4,7 @@
     python -m sim run --in-process ...                              the same run without Flower's runtime
     python -m sim run --resume DIR                                  continue an interrupted one
     python -m sim deploy [--supernodes N] --out DIR [-c KEY=VALUE ...] [--insecure]
+    python -m sim deploy --resume DIR [--insecure]                  continue an interrupted deployment run
     python -m sim pretrain --out DIR [--quick] [--set KEY=VALUE ...] centralised pretraining -> a checkpoint for init=DIR
     python -m sim codecs                                            the registered codecs
     python -m sim docs [--write | --check]                          the generated config tables
@@ -15,7 +16,9 @@ dataset) is validated before anything starts; Ray is sized for this machine
 (:func:`ray_backend_config`), or joins a running cluster with ``--ray-address``
 (docs/performance.md, "A real Ray cluster"; ``tests/test_ray_cluster.py``). ``deploy`` runs the same app on Flower's deployment
 runtime on loopback (:mod:`sim.run.deploy`): a TLS SuperLink with SuperNode
-authentication, one SuperNode per hospital, ``flwr run``.
+authentication, one SuperNode per hospital, ``flwr run``. Both ``--resume`` options
+read the run's ``config.json`` and set run-config key ``resume``, which the ServerApp
+reads whichever runtime started it.
 
 The Flower components are loaded by name, as ``flwr run`` loads the ones
 ``pyproject.toml`` names (:data:`CLIENT_APP`, :data:`SERVER_APP_MODULE`): the apps
@@ -104,8 +107,9 @@ def ray_backend_config(cfg: SplitConfig, address: str | None = None, gpus: int |
     }
 
 
-def _resume_config(run_dir: Path, args: argparse.Namespace) -> SplitConfig:
-    """The config of an interrupted run (``DIR/config.json``); nothing may be overridden."""
+def _resume_config(run_dir: Path, args: argparse.Namespace, clients: int | None) -> SplitConfig:
+    """The config of an interrupted run (``DIR/config.json``) with ``resume`` set; nothing
+    may be overridden, and ``clients`` (if given) must be the run's."""
     if args.config or args.out:
         raise ConfigError("--resume takes the run's own config.json; drop -c/--out")
     path = run_dir / "config.json"
@@ -114,9 +118,10 @@ def _resume_config(run_dir: Path, args: argparse.Namespace) -> SplitConfig:
     if not (run_dir / "checkpoint.pt").is_file():
         raise ConfigError(f"--resume {run_dir}: no checkpoint.pt (the run stopped before its first round ended, "
                           "or ran with checkpoint=false)")
-    cfg = SplitConfig.from_run_config(json.loads(path.read_text()))
-    if args.clients is not None and args.clients != cfg.expected_clients:
-        raise ConfigError(f"--clients {args.clients} differs from the run's {cfg.expected_clients}")
+    cfg = SplitConfig.from_run_config(json.loads(path.read_text()) | {"resume": True})
+    if clients is not None and clients != cfg.expected_clients:
+        raise ConfigError(f"--clients/--supernodes {clients} differs from the run's expected-clients "
+                          f"({cfg.expected_clients})")
     return cfg
 
 
@@ -134,13 +139,14 @@ def _check_local_data(cfg: SplitConfig) -> None:
     if cfg.dataset == "llava-json" and cfg.data_path:
         from sim.data import load_examples
 
-        load_examples(cfg.dataset, cfg.data_path, cfg.image_size, cfg.num_samples, cfg.seed, cfg.on_bad_record)
+        load_examples(cfg.dataset, cfg.data_path, cfg.image_size, cfg.num_samples, cfg.seed, cfg.on_bad_record,
+            cfg.data_allow_outside_paths)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.resume:
         run_dir = Path(args.resume).expanduser().resolve()
-        cfg = _resume_config(run_dir, args)
+        cfg = _resume_config(run_dir, args, args.clients)
         clients = cfg.expected_clients
     else:
         overrides = parse_overrides(args.config or [])
@@ -159,12 +165,12 @@ def run(args: argparse.Namespace) -> int:
     if args.in_process:
         from .server_main import run_in_process
 
-        run_in_process(cfg, run_dir, clients, resume=bool(args.resume))
+        run_in_process(cfg, run_dir, clients)
     else:
         from flwr.simulation import run_simulation
 
         run_simulation(
-            server_app=load_component(f"{SERVER_APP_MODULE}:make_server_app")(cfg, run_dir, resume=bool(args.resume)),
+            server_app=load_component(f"{SERVER_APP_MODULE}:make_server_app")(cfg, run_dir),
             client_app=load_component(CLIENT_APP),
             num_supernodes=clients,
             backend_config=ray_backend_config(cfg, args.ray_address),
@@ -192,8 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--in-process", action="store_true",
                    help="run the clients in this process instead of Flower's simulation runtime (the reference trainer)")
     d = sub.add_parser("deploy", help="run on Flower's deployment runtime on this machine (SuperLink + SuperNodes)")
-    d.add_argument("--supernodes", type=int, default=3, help="number of SuperNodes (one per hospital)")
-    d.add_argument("--out", required=True, help="run directory (the deployment's certificates and logs go beside it)")
+    d.add_argument("--supernodes", type=int, default=None, help="number of SuperNodes (one per hospital; default 3)")
+    where = d.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", help="run directory (the deployment's certificates and logs go beside it)")
+    where.add_argument("--resume", metavar="DIR", help="continue an interrupted deployment run from DIR/checkpoint.pt "
+                                                       "(the SuperNodes' optimiser state from their state-dir)")
     d.add_argument("-c", "--config", action="append", metavar="KEY=VALUE", help="override a config key")
     d.add_argument("--insecure", action="store_true", help="no TLS and no SuperNode authentication")
     t = sub.add_parser("pretrain", help="centralised pretraining of the tiny VLM on the public corpus -> a checkpoint "
@@ -267,16 +276,21 @@ def deploy(args: argparse.Namespace) -> int:
     """``python -m sim deploy``: :class:`sim.run.deploy.LocalDeployment` and one ``flwr run``."""
     from .deploy import LocalDeployment
 
-    out = Path(args.out).expanduser().resolve()
-    overrides = parse_overrides(args.config or [])
-    overrides |= {"out-dir": str(out.parent), "run-name": out.name, "expected-clients": str(args.supernodes)}
-    cfg = SplitConfig.from_run_config(overrides)
+    if args.resume:
+        out = Path(args.resume).expanduser().resolve()
+        cfg = _resume_config(out, args, args.supernodes)
+    else:
+        out = Path(args.out).expanduser().resolve()
+        overrides = parse_overrides(args.config or [])
+        supernodes = 3 if args.supernodes is None else args.supernodes
+        overrides |= {"out-dir": str(out.parent), "run-name": out.name, "expected-clients": str(supernodes)}
+        cfg = SplitConfig.from_run_config(overrides)
     if cfg.init_dir is not None:  # the ClientApps run from the installed FAB, which holds no checkpoint
         cfg = cfg.replace(init=str(cfg.init_dir))
     if (out / "summary.json").exists():
         raise ConfigError(f"{out} already holds a finished run; pick another --out")
     work = out.parent / f"{out.name}-deployment"
-    with LocalDeployment(work, args.supernodes, tls=not args.insecure, authenticate=not args.insecure) as dep:
+    with LocalDeployment(work, cfg.expected_clients, tls=not args.insecure, authenticate=not args.insecure) as dep:
         outcome = dep.run(cfg.to_run_config())
     print(outcome.output[-4000:])
     if not outcome.ok:

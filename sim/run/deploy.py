@@ -210,6 +210,25 @@ class LocalDeployment:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
+    def kill_serverapp(self) -> int:
+        """SIGKILL every ServerApp process the SuperLink started (a server crash: nothing
+        runs its exit handlers), then ``flwr stop`` the runs left unfinished so that their
+        ``flwr run --stream`` returns; returns how many processes were killed."""
+        import psutil
+
+        apps = []
+        for proc in psutil.Process(self.procs["superlink"].pid).children(recursive=True):  # via flower-superexec
+            try:
+                if any(Path(arg).name == "flwr-serverapp" for arg in proc.cmdline()[:2]):
+                    proc.kill()
+                    apps.append(proc)
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(apps, timeout=30)
+        for run_id in self.unfinished_runs():
+            self.flwr("stop", str(run_id), CONNECTION)
+        return len(apps)
+
     def close(self) -> None:
         for name in sorted(self.procs, key=lambda n: n == "superlink"):  # SuperNodes first
             proc = self.procs[name]
@@ -241,6 +260,15 @@ class LocalDeployment:
         except json.JSONDecodeError:
             return "unknown"
         return f"{runs[0].get('status', 'unknown')} {runs[0].get('status-details', '')}".strip()
+
+    def unfinished_runs(self) -> list[int]:
+        """The ids of the runs the SuperLink has not marked finished."""
+        proc = self.flwr("ls", CONNECTION, "--format", "json")
+        try:
+            runs = json.loads(proc.stdout).get("runs") or []
+        except json.JSONDecodeError:
+            return []
+        return [int(r["run-id"]) for r in runs if not str(r.get("status", "")).startswith("finished")]
 
     def flwr(self, *args: str, check: bool = False, timeout: float = 120) -> subprocess.CompletedProcess:
         proc = subprocess.run(["flwr", *args], env=self.env, capture_output=True, text=True, timeout=timeout,

@@ -7,8 +7,10 @@ run``) drives the engine through the SplitFed strategy over Flower's ``Grid``;
 the in-process transport (:mod:`sim.training.transport`). Both write the same files.
 
 After every round the run directory gets an atomic ``checkpoint.pt``
-(:mod:`sim.run.checkpoint`); ``resume=True`` restores the server, ledger, run files and
-RNGs from it and continues with the next round.
+(:mod:`sim.run.checkpoint`); the run-config key ``resume`` restores the server, ledger,
+run files and RNGs from it and continues with the next round. Every runtime resumes
+through that key: ``python -m sim run --resume``, ``python -m sim deploy --resume`` and a
+plain ``flwr run --run-config 'resume=true ...'`` (docs/reliability.md, docs/deployment.md).
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from pathlib import Path
 
 import torch
 
-from sim.config import ConfigError, SplitConfig
+from sim.config import SETTINGS, ConfigError, SplitConfig
 from sim.data.tokenizer import get_tokenizer
 from sim.training.engine import RoundEngine, RoundReport
 from sim.training.server import build_server, initial_client_weights
+from sim.training.timing import TimingLog
 from sim.training.transport import InProcessTransport, client_threads
 from sim.wire.ledger import Ledger, LedgerRow, NetworkModel
 
@@ -36,24 +39,27 @@ log = logging.getLogger(__name__)
 class ServerRun:
     """One run directory, as the server writes it (docs/architecture.md lists its files).
 
-    ``resume=True`` restores the server, ledger, run files, counters and RNGs from
+    ``cfg.resume`` restores the server, ledger, run files, counters and RNGs from
     ``run_dir/checkpoint.pt`` and continues with the next round. Give the engine
     ``on_round``, ``first_round`` and ``resumed_from``; :meth:`attach` it; start from
     ``weights``; :meth:`finish` when it has run."""
 
-    def __init__(self, cfg: SplitConfig, run_dir: Path, resume: bool = False) -> None:
-        # the clients derive their checkpoint directory from these, so they must be resolved
-        self.cfg = cfg = cfg.replace(out_dir=str(run_dir.parent), run_name=run_dir.name)
+    def __init__(self, cfg: SplitConfig, run_dir: Path) -> None:
+        # the clients derive their checkpoint directory from out-dir/run-name, so they must be
+        # resolved; `resume` is an instruction to this server, not part of the run, so the run's
+        # files, its checkpoints and the config sent to the clients say false, as an uninterrupted run's
+        resume = cfg.resume
+        self.cfg = cfg = cfg.replace(out_dir=str(run_dir.parent), run_name=run_dir.name, resume=False)
         self.run_dir = run_dir
         self.ckpt = load_checkpoint(run_dir) if resume else None
-        if self.ckpt is not None and self.ckpt.config != cfg.to_run_config():
-            changed = sorted(k for k, v in cfg.to_run_config().items() if self.ckpt.config.get(k) != v)
-            raise ConfigError(f"cannot resume {run_dir}: the config differs from the checkpoint's in {changed}")
+        if self.ckpt is not None:
+            _check_same_config(run_dir, self.ckpt.config, cfg.to_run_config())
         torch.manual_seed(cfg.seed)
         self.server = build_server(cfg)
         self.recorder = RunRecorder(run_dir, cfg, clients=cfg.expected_clients)
         get_tokenizer(cfg).save_pretrained(run_dir / "tokenizer")
         self.ledger = Ledger(NetworkModel.from_config(cfg), run_dir / "ledger.csv")
+        self.timing = TimingLog(run_dir / "timing.csv")
         self.table = RoundTable(cfg)
         self.first_round = self.ckpt.round + 1 if self.ckpt else 1
         self.resumed_from = self.ckpt.round if self.ckpt else 0
@@ -61,8 +67,10 @@ class ServerRun:
         self.weights = initial_client_weights(cfg)
 
     def attach(self, engine: RoundEngine) -> None:
-        """The engine that runs the rounds (restored from the checkpoint when resuming)."""
+        """The engine that runs the rounds (restored from the checkpoint when resuming); its
+        replies' timing goes to ``timing.csv``."""
         self.engine = engine
+        engine.timing = self.timing
         if self.ckpt is not None:
             self.weights = self._restore(self.ckpt)
             log.info("resuming %s after round %d", self.run_dir, self.ckpt.round)
@@ -111,9 +119,19 @@ class ServerRun:
         return ckpt.client_weights
 
 
-def run_in_process(cfg: SplitConfig, run_dir: Path, clients: int, resume: bool = False) -> dict:
-    """``python -m sim run --in-process``: the run, with the clients in this process."""
-    run = ServerRun(cfg, run_dir, resume)
+def _check_same_config(run_dir: Path, saved: dict, now: dict) -> None:
+    """A resume must use the checkpoint's config (keys declared since it was written count
+    as their defaults)."""
+    saved = {k: s.default for k, s in SETTINGS.items()} | saved
+    changed = sorted(k for k, v in now.items() if saved.get(k) != v)
+    if changed:
+        raise ConfigError(f"cannot resume {run_dir}: the config differs from the checkpoint's in {changed}")
+
+
+def run_in_process(cfg: SplitConfig, run_dir: Path, clients: int) -> dict:
+    """``python -m sim run --in-process``: the run, with the clients in this process
+    (``cfg.resume``: continue from ``run_dir/checkpoint.pt``)."""
+    run = ServerRun(cfg, run_dir)
     engine = RoundEngine(run.cfg, run.server, run.ledger, on_round=run.on_round, first_round=run.first_round,
                          resumed_from=run.resumed_from)
     run.attach(engine)

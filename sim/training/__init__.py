@@ -6,6 +6,7 @@
 * :mod:`.engine` — the split round, once, over a transport;
 * :mod:`.transport` — Flower's ``Grid``, or the clients in this process;
 * :mod:`.reference` — the engine in process: the reference trainer;
+* :mod:`.timing` — where each reply's time went (the client's ``timing-s``, ``timing.csv``);
 * :mod:`.schedule`, :mod:`.client_checkpoint`, :mod:`.node` — learning rates, the
   client's optimiser files, its identity.
 """

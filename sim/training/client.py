@@ -64,7 +64,8 @@ def client_runtime(cfg: SplitConfig, partition: int, num_partitions: int, own_da
     model, opt = _model_and_optimiser(cfg, len(tok))
     data = _tokenised(cfg)
     train_idx, test_idx = _shard(cfg, 0, 1) if own_data else _shard(cfg, partition, num_partitions)
-    bad = bad_record_count(cfg.dataset, cfg.data_path, cfg.image_size, cfg.num_samples, cfg.seed, cfg.on_bad_record)
+    bad = bad_record_count(cfg.dataset, cfg.data_path, cfg.image_size, cfg.num_samples, cfg.seed, cfg.on_bad_record,
+        cfg.data_allow_outside_paths)
     return ClientRuntime(cfg, partition, model, opt, data, train_idx, test_idx, tok.pad_token_id, len(tok), bad)
 
 
@@ -79,13 +80,15 @@ def _model_and_optimiser(cfg: SplitConfig, vocab_size: int) -> tuple[ClientModel
 
 @functools.lru_cache(maxsize=4)
 def _tokenised(cfg: SplitConfig) -> TokenisedExamples:
-    examples = load_examples(cfg.dataset, cfg.data_path, cfg.image_size, cfg.num_samples, cfg.seed, cfg.on_bad_record)
+    examples = load_examples(cfg.dataset, cfg.data_path, cfg.image_size, cfg.num_samples, cfg.seed, cfg.on_bad_record,
+        cfg.data_allow_outside_paths)
     return tokenise(examples, get_tokenizer(cfg))
 
 
 @functools.lru_cache(maxsize=1024)
 def _shard(cfg: SplitConfig, partition: int, num_partitions: int) -> tuple[np.ndarray, np.ndarray]:
-    examples = load_examples(cfg.dataset, cfg.data_path, cfg.image_size, cfg.num_samples, cfg.seed, cfg.on_bad_record)
+    examples = load_examples(cfg.dataset, cfg.data_path, cfg.image_size, cfg.num_samples, cfg.seed, cfg.on_bad_record,
+        cfg.data_allow_outside_paths)
     train, test = client_shard(
         examples, partition, num_partitions, cfg.partitioner, cfg.seed, cfg.dirichlet_alpha, cfg.test_fraction
     )

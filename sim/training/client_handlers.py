@@ -16,7 +16,9 @@ from sim.config import ConfigError, SplitConfig
 from sim.config.faults import EVAL, inject
 from sim.model import synced_names
 from sim.wire.arrays import WireError, meta_int, record_state, state_record
-from sim.wire.messages import MAX_STEPS, eval_reply, hello_reply, init_reply, parse_train_request, train_reply
+from sim.wire.messages import (
+    MAX_STEPS, TIMING_KEY, eval_reply, hello_reply, init_reply, parse_train_request, train_reply,
+)
 from sim.wire.streams import decode_grad_records, micro_batch_shapes
 
 from .client import (
@@ -25,6 +27,7 @@ from .client import (
 )
 from .client_checkpoint import load_optimiser_file, save_optimiser_file
 from .node import NodeIdentity
+from .timing import client_timing
 
 
 def _client_config(content: RecordDict, state: RecordDict, node: NodeIdentity) -> SplitConfig:
@@ -64,6 +67,23 @@ def _restore(cfg: SplitConfig, content: RecordDict, state: RecordDict, node: Nod
     return rt
 
 
+def _timed_restore(cfg: SplitConfig, content: RecordDict, state: RecordDict, node: NodeIdentity,
+                   resumed_from: int = 0) -> tuple[ClientRuntime, float]:
+    """:func:`_restore` and how long it took (the ``rebuild`` part of ``timing-s``)."""
+    t0 = time.perf_counter()
+    rt = _restore(cfg, content, state, node, resumed_from)
+    return rt, time.perf_counter() - t0
+
+
+def _timed(reply: RecordDict, t0: float, rebuild_s: float) -> RecordDict:
+    """Add meta ``timing-s`` to a reply whose handler started at ``t0``: this process's
+    start-up (its first message only) and the handler's rebuild and compute
+    (:mod:`sim.training.timing`)."""
+    total = time.perf_counter() - t0
+    reply.config_records["meta"][TIMING_KEY] = client_timing(rebuild_s, max(0.0, total - rebuild_s))
+    return reply
+
+
 def _persist(rt: ClientRuntime, state: RecordDict) -> None:
     state["client.weights"] = state_record(get_weights(rt))
     state["client.optim"] = state_record(get_optimiser_state(rt))
@@ -71,19 +91,21 @@ def _persist(rt: ClientRuntime, state: RecordDict) -> None:
 
 def client_hello(content: RecordDict, state: RecordDict, node: NodeIdentity) -> RecordDict:
     """Handle ``query.hello``: the partition id."""
-    return hello_reply(node.partition, node.num_partitions)
+    t0 = time.perf_counter()
+    return _timed(hello_reply(node.partition, node.num_partitions), t0, 0.0)
 
 
 def client_train(content: RecordDict, state: RecordDict, node: NodeIdentity) -> RecordDict:
     """Handle ``train.split_step``: apply received gradients, encode the next micro-batches.
 
     The reply's ``meta.compute-s`` is the handler's own time, so the server can tell
-    its clients' compute from the runtime's messaging cost."""
+    its clients' compute from the runtime's messaging cost; ``meta.timing-s`` splits it
+    into rebuild and compute, after this process's start-up (:mod:`sim.training.timing`)."""
     t0 = time.perf_counter()
     req = parse_train_request(content)
     cfg = _client_config(content, state, node)
     inject(cfg.fault_inject, node.partition, req.round, req.exchange)
-    rt = _restore(cfg, content, state, node, req.resumed_from)
+    rt, rebuild_s = _timed_restore(cfg, content, state, node, req.resumed_from)
     aux = None
     if req.apply:
         tokens = [sum(len(rt.data.ids[i]) for i in micro_batch(rt, req.round, s)) for s in req.apply]
@@ -98,7 +120,7 @@ def client_train(content: RecordDict, state: RecordDict, node: NodeIdentity) -> 
     if req.save_state:
         save_optimiser_file(cfg, node, req.round, get_optimiser_state(rt))
     reply.config_records["meta"]["compute-s"] = time.perf_counter() - t0
-    return reply
+    return _timed(reply, t0, rebuild_s)
 
 
 def evaluate_runtime(rt: ClientRuntime, rnd: int, partition: int) -> RecordDict:
@@ -110,18 +132,21 @@ def evaluate_runtime(rt: ClientRuntime, rnd: int, partition: int) -> RecordDict:
 
 def client_evaluate(content: RecordDict, state: RecordDict, node: NodeIdentity) -> RecordDict:
     """Handle ``evaluate.split_infer``: encode the local test set with the global weights."""
+    t0 = time.perf_counter()
     cfg = _client_config(content, state, node)
     rnd = meta_int(content.config_records["meta"], "round", 1, MAX_STEPS)
     inject(cfg.fault_inject, node.partition, rnd, EVAL)
-    return evaluate_runtime(_restore(cfg, content, state, node), rnd, node.partition)
+    rt, rebuild_s = _timed_restore(cfg, content, state, node)
+    return _timed(evaluate_runtime(rt, rnd, node.partition), t0, rebuild_s)
 
 
 def client_init_codec(content: RecordDict, state: RecordDict, node: NodeIdentity) -> RecordDict:
     """Handle ``query.init_codec``: initialise the codecs' data-dependent state from this
     client's own micro-batches and send back only that state."""
-    rt = _restore(_client_config(content, state, node), content, state, node)
+    t0 = time.perf_counter()
+    rt, rebuild_s = _timed_restore(_client_config(content, state, node), content, state, node)
     full = init_codec_state(rt)
-    return init_reply(node.partition, {k: full[k] for k in synced_names(rt.model)})
+    return _timed(init_reply(node.partition, {k: full[k] for k in synced_names(rt.model)}), t0, rebuild_s)
 
 
 HANDLERS = {"query.hello": client_hello, "query.init_codec": client_init_codec, "train.split_step": client_train,

@@ -55,6 +55,7 @@ from .server import (
     ServerRuntime, evaluate, exchange_schedule, fedavg, needs_codec_init, sample_partitions, server_steps,
     sync_round_state,
 )
+from .timing import TimingLog, exchange_timings
 from .transport import Transport
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,7 @@ class RoundEngine:
         self.bad_records: dict[int, int] = {}  # partition -> records its data loader skipped
         self._weights = None  # name -> (dtype, shape) of the global client weights
         self.feedback: dict[int, ErrorFeedback] = {}  # partition -> its residuals (grad-error-feedback)
+        self.timing: TimingLog | None = None  # where each reply's time went (timing.csv; sim/training/timing.py)
         llm_cfg = getattr(server.model, "llm", None)
         positions = getattr(getattr(llm_cfg, "config", None), "max_position_embeddings", None) or 65_535
         self._max_text = max(1, int(positions) - server.tokens)
@@ -456,6 +458,9 @@ class RoundEngine:
         t0 = time.perf_counter()
         received = transport.exchange(msgs, deadline_s or min(timeout, self.cfg.exchange_timeout_s))
         self._note_wait(time.perf_counter() - t0, received)
+        if self.timing is not None:
+            self.timing.record(exchange_timings(rnd, exchange, kind, received, getattr(transport, "last_arrivals", None),
+                                                [self._partition_of(r.metadata.src_node_id) for r in received]))
         for r in received:
             node = r.metadata.src_node_id
             p = self._partition_of(node)

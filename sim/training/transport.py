@@ -44,6 +44,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from .client_handlers import HANDLERS
 from .node import NodeIdentity
+from .timing import Arrivals
 
 # Flower 1.41's deployment grid (``HttpGrid``) sleeps a fixed 3 s between polls, which is
 # most of an exchange on loopback; the simulation's ``InMemoryGrid`` has ``pull_interval``.
@@ -58,7 +59,8 @@ class Transport(Protocol):
         """The nodes that are connected now."""
 
     def exchange(self, messages: list[Message], timeout_s: float) -> list[Message]:
-        """Send ``messages``; return the replies that arrived within ``timeout_s``."""
+        """Send ``messages``; return the replies that arrived within ``timeout_s``, and keep
+        in ``last_arrivals`` when each arrived (:class:`~sim.training.timing.Arrivals`)."""
 
 
 class FlowerTransport:
@@ -66,24 +68,33 @@ class FlowerTransport:
 
     def __init__(self, grid: Grid) -> None:
         self.grid = grid
+        self.last_arrivals: Arrivals | None = None
 
     def node_ids(self) -> set[int]:
         return set(self.grid.get_node_ids())
 
     def exchange(self, messages: list[Message], timeout_s: float) -> list[Message]:
         """Push ``messages``; pull replies until each has one or ``timeout_s`` has passed
-        (``Grid.send_and_receive`` does the same, with a fixed 3 s poll in deployment)."""
+        (``Grid.send_and_receive`` does the same, with a fixed 3 s poll in deployment).
+        ``last_arrivals`` then holds the push's and each reply's pull's timing."""
         poll = float(getattr(self.grid, "pull_interval", DEPLOYMENT_POLL_S))
+        t0 = time.perf_counter()
         pending = {i for i in self.grid.push_messages(list(messages)) if i}
+        push_s = time.perf_counter() - t0
         deadline = time.monotonic() + timeout_s
         replies: list[Message] = []
+        arrivals: list[tuple[float, float]] = []
         while pending:
+            t_pull = time.perf_counter()
             got = list(self.grid.pull_messages(pending))
+            now = time.perf_counter()
             replies += got
+            arrivals += [(now - t0, now - t_pull)] * len(got)
             pending -= {m.metadata.reply_to_message_id for m in got}
             if not pending or time.monotonic() >= deadline:
                 break
             time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
+        self.last_arrivals = Arrivals(push_s, arrivals)
         return replies
 
 
@@ -128,12 +139,21 @@ class InProcessTransport:
         self.states: dict[int, RecordDict] = {n: RecordDict() for n in self.nodes}
         self.connected = set(self.nodes)
         self.threads = threads
+        self.last_arrivals: Arrivals | None = None
 
     def node_ids(self) -> set[int]:
         return set(self.connected)
 
     def exchange(self, messages: list[Message], timeout_s: float) -> list[Message]:
-        return [r for r in (self._handle(m, timeout_s) for m in messages) if r is not None]
+        """The handlers one after another; a reply arrives when its handler returns."""
+        t0, replies, arrivals = time.perf_counter(), [], []
+        for m in messages:
+            reply = self._handle(m, timeout_s)
+            if reply is not None:
+                replies.append(reply)
+                arrivals.append((time.perf_counter() - t0, 0.0))
+        self.last_arrivals = Arrivals(0.0, arrivals)
+        return replies
 
     def _handle(self, msg: Message, timeout_s: float) -> Message | None:
         node = msg.metadata.dst_node_id

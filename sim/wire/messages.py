@@ -44,6 +44,11 @@ HELLO, TRAIN, EVALUATE, INIT = "query.hello", "train.split_step", "evaluate.spli
 UPLINK_INFO = (*FEATURE_RECORDS.values(), "text", "weights", "codec-state")  # records whose arrays are information
 DOWNLINK_INFO = (*GRAD_RECORDS.values(), "weights")
 MAX_STEPS = 1 << 20
+# Every reply's meta ``timing-s``: where the client's time went, in seconds, in this order
+# (sim/training/timing.py; docs/protocol.md, "Timing").
+CLIENT_TIMING = ("start", "load", "import-torch", "import-transformers", "import-project", "rebuild", "compute")
+TIMING_KEY = "timing-s"
+TIMING = Key(FLOATS, 0.0, 1e7, max_len=len(CLIENT_TIMING), required=False)
 MAX_EVAL_SAMPLES = 1 << 16  # per client and round; larger local test sets must be subsampled
 FEATURE_DTYPES = frozenset({"uint8", "uint16", "uint32", "int8", "int16", "int32", "float16", "float32"})
 TEXT_DTYPES = frozenset({"uint8", "uint16", "uint32"})
@@ -59,7 +64,8 @@ def hello_reply(partition: int, num_partitions: int) -> RecordDict:
 
 
 def hello_schema() -> Schema:
-    return Schema(HELLO, {"partition-id": Key(INT, 0, 1 << 30), "num-partitions": Key(INT, 1, 1 << 30)})
+    return Schema(HELLO, {"partition-id": Key(INT, 0, 1 << 30), "num-partitions": Key(INT, 1, 1 << 30),
+                          TIMING_KEY: TIMING})
 
 
 # ============================================================================ query.init_codec
@@ -86,7 +92,7 @@ def init_reply(partition: int, codec_state: dict[str, torch.Tensor]) -> RecordDi
 def init_reply_schema() -> Schema:
     """The reply to ``query.init_codec``: the initialised codec state (exact names and
     shapes are checked against the global weights through ``Expect.weights``)."""
-    return Schema(INIT, {"partition-id": Key(INT, 0, 1 << 30), "round": Key(INT, 0, 0)},
+    return Schema(INIT, {"partition-id": Key(INT, 0, 1 << 30), "round": Key(INT, 0, 0), TIMING_KEY: TIMING},
                   {"codec-state": Arrays(frozenset({"float32", "bool"}), 1 << 31, ndim=None)})
 
 
@@ -207,7 +213,7 @@ def train_reply_schema(cfg: SplitConfig, tokens: int, dim: int, steps: int, fina
     """The reply to a ``train.split_step`` that encodes ``steps`` micro-batches."""
     meta = {
         "partition-id": Key(INT, 0, 1 << 30), "round": Key(INT, 1, MAX_STEPS), "exchange": Key(INT, 0, MAX_STEPS),
-        "compute-s": Key(FLOAT, 0.0, 1e7, required=False),
+        "compute-s": Key(FLOAT, 0.0, 1e7, required=False), TIMING_KEY: TIMING,
         "client-aux-loss": Key(FLOATS, -1e9, 1e9, max_len=cfg.steps_per_exchange, required=False),
     }
     arrays = {}
@@ -316,6 +322,7 @@ def eval_reply_schema(cfg: SplitConfig, tokens: int, dim: int, max_text_tokens: 
         "partition-id": Key(INT, 0, 1 << 30), "round": Key(INT, 1, MAX_STEPS),
         "eval-count": Key(INT, 1, MAX_EVAL_SAMPLES), "micro-batches": Key(INT, 1, -(-MAX_EVAL_SAMPLES // b)),
         "bad-records": Key(INT, 0, 1 << 40, required=False), "compute-s": Key(FLOAT, 0.0, 1e7, required=False),
+        TIMING_KEY: TIMING,
     }
 
     def arrays(m) -> dict[str, Arrays]:
