@@ -2,9 +2,9 @@
 
 Each handler reads the node's identity from ``context.node_config`` (``partition-id``
 and ``num-partitions``, set by the simulation or ``--node-config``; optionally a
-site's own ``data-path`` and ``state-dir``, see docs/deployment.md), runs the client
-handler on the message content and the node's ``context.state``, and replies. An
-exception becomes Flower's error reply; the server drops the client for that round.
+site's own ``data-path``, ``state-dir`` and ``noise-secret``, see docs/deployment.md),
+runs the client handler on the message content and the node's ``context.state``, and
+replies. An exception becomes Flower's error reply; the server drops the client for that round.
 
 In deployment every message runs in a fresh process that imports this module first, so
 its imports are timed in groups (torch, transformers' modelling core, the project) and

@@ -55,7 +55,9 @@ import hashlib
 import json
 import logging
 import math
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -63,7 +65,7 @@ import numpy as np
 import torch
 
 from experiments.attack import DecoderBudget, SurrogateBudget, image_metrics, unit_images
-from experiments.common import SCRATCH, method_overrides, setup_logging
+from experiments.common import FINETUNE_BUDGET, FINETUNE_QUICK, REGIMES, SCRATCH, method_overrides, setup_logging
 from experiments.early_stopping import LearningCurve, StopRule
 from experiments.privacy_attacks import AUX_SEED, VAL_SEED, VictimAttacks
 from experiments.privacy_capture import capture_eval_uplink, observe
@@ -75,6 +77,7 @@ from sim.config import SplitConfig
 from sim.data.batches import eval_text, pixels
 from sim.model.processor import image_processor
 from sim.training.client import client_runtime
+from sim.training.feature_dp import feature_dp_summary
 from sim.training.reference import run_reference
 
 log = logging.getLogger("experiments.inversion")
@@ -105,6 +108,9 @@ class StrongBudget:
 class Budget:
     """Everything that sizes a study: the training run, the public pool, the attackers.
 
+    ``regime``: ``finetune`` (the headline: split fine-tuning of the shipped checkpoint, the
+    default job's recipe, :data:`experiments.common.FINETUNE_BUDGET`, with ``train`` on top)
+    or ``scratch`` (random initialisation, the earlier study: ``SCRATCH`` + ``train``).
     ``public_scales``: the strong attacker's public training pools, as multiples of
     ``aux_samples``, for the victims with ``scale_sweep`` (1x always; every other victim and
     the weak attacker get 1x only)."""
@@ -115,12 +121,22 @@ class Budget:
     surrogate: SurrogateBudget
     strong: StrongBudget
     public_scales: tuple[int, ...] = (1,)
+    regime: str = "finetune"
+    converged: StrongDecoderBudget | None = None  # the "converged" attacker's decoder: the strong one, longer
+
+    def base(self) -> dict[str, object]:
+        """The run config every victim of this budget starts from (before its method and defence)."""
+        if self.regime not in REGIMES:
+            raise ValueError(f"unknown regime {self.regime!r}; valid: {', '.join(REGIMES)}")
+        start = SCRATCH if self.regime == "scratch" else {k: v for k, v in FINETUNE_BUDGET.items() if k != "dataset"}
+        return {**start, **self.train}
 
 
-# Full study: a tiny model (width 64, 2 ViT + 2 LLM layers, 32 px, 64 image tokens) trained
-# for 6 rounds x 20 micro-batches of 16 per client (2 clients: 120 server steps of 32),
-# 1 600 samples (720 training and 80 held-out images per client).
-FULL = Budget(
+# The earlier study (--regime scratch): a tiny model (width 64, 2 ViT + 2 LLM layers, 32 px,
+# 64 image tokens) trained from random weights for 6 rounds x 20 micro-batches of 16 per
+# client (2 clients: 120 server steps of 32), 1 600 samples (720 training and 80 held-out
+# images per client).
+FULL_SCRATCH = Budget(
     train={
         "num-server-rounds": 6, "local-steps": 20, "steps-per-exchange": 20, "batch-size": 16,
         "warmup-steps": 10, "num-samples": 1600, "test-fraction": 0.1, "hidden-size": 64,
@@ -135,9 +151,10 @@ FULL = Budget(
         surrogate=SurrogateBudget(steps=240, batch=32, lr=1e-3), mmd_weight=1.0, text=TextDecoderBudget(),
         val_samples=200),
     public_scales=(1, 2, 4),
+    regime="scratch",
 )
 # --quick: the same pipeline on a toy budget (CI smoke test); its numbers mean nothing.
-QUICK = Budget(
+QUICK_SCRATCH = Budget(
     train={
         "num-server-rounds": 1, "local-steps": 4, "steps-per-exchange": 2, "batch-size": 8,
         "warmup-steps": 1, "num-samples": 160, "test-fraction": 0.2, "hidden-size": 32,
@@ -154,7 +171,28 @@ QUICK = Budget(
                                batch=16, hidden=16),
         val_samples=24),
     public_scales=(1, 2),
+    regime="scratch",
 )
+# The headline study (--regime finetune): every victim fine-tunes the shipped checkpoint
+# (checkpoints/tiny-vlm: width 128, 32 px, 64 image tokens) as the default job does, 8 rounds
+# (1 alignment + 7 fine-tuning) x 60 micro-batches of 8 per client, 6 000 samples (2 700
+# training and 300 held-out images per client), with the earlier study's attackers; the strong
+# decoder takes batches of 32 and at most 1 500 steps (0.16 s a step at batch 64 on one core
+# with the checkpoint's 128-wide features: the earlier cap of 5 000 would take 13 min an attack).
+# At that cap it is still improving, so the seed-0 acceptance victims are also attacked by the
+# "converged" attacker: the same decoder under the earlier study's stopping rule (5 000 steps).
+FULL = dataclasses.replace(
+    FULL_SCRATCH, train={"checkpoint": False}, regime="finetune",
+    strong=dataclasses.replace(FULL_SCRATCH.strong, decoder=StrongDecoderBudget(
+        stop=StopRule(max_steps=1500, eval_every=50, patience=4, min_delta=0.02, lr_drops=1, lr_factor=0.2),
+        batch=32, lr=2e-3, width=32, depth=2)),
+    converged=dataclasses.replace(FULL_SCRATCH.strong.decoder, batch=32))
+QUICK = dataclasses.replace(QUICK_SCRATCH, train={k: v for k, v in FINETUNE_QUICK.items()
+                                                  if k not in FINETUNE_BUDGET or FINETUNE_BUDGET[k] != v},
+                            regime="finetune", converged=dataclasses.replace(
+                                QUICK_SCRATCH.strong.decoder, stop=StopRule(max_steps=24, eval_every=4, patience=2)))
+BUDGETS = {("finetune", False): FULL, ("finetune", True): QUICK, ("scratch", False): FULL_SCRATCH,
+           ("scratch", True): QUICK_SCRATCH}
 
 
 @dataclass(frozen=True)
@@ -171,7 +209,9 @@ class Attack:
 @dataclass(frozen=True)
 class Victim:
     """One victim configuration and the threat models to run against it; ``scale_sweep``: the
-    strong attacker also runs on the larger public pools of ``Budget.public_scales``."""
+    strong white-box attacker also runs on the larger public pools of ``Budget.public_scales``.
+    Defences: ``sigma`` (``feature-noise``) with ``clip`` (``feature-noise-clip``, 0 = no
+    clipping and no ε) and ``nopeek`` (``nopeek-weight``, NoPeek's λ)."""
 
     dataset: str
     method: str
@@ -181,22 +221,32 @@ class Victim:
     threats: tuple[str, ...]
     text_mode: str = "ids"
     scale_sweep: bool = False
+    clip: float = 0.0
+    nopeek: float = 0.0
+    converge: bool = False  # also the strong white-box attacker under Budget.converged's longer stopping rule
 
     def attacks(self, budget: Budget) -> list[Attack]:
-        """Every row of this victim: per threat, the weak attacker and the strong one at each scale."""
-        scales = sorted({1, *budget.public_scales}) if self.scale_sweep else [1]
+        """Every row of this victim: per threat, the weak attacker and the strong one (white-box:
+        at each scale of a ``scale_sweep``)."""
+        sweep = sorted({1, *budget.public_scales}) if self.scale_sweep else [1]
         out = []
         for t in self.threats:
             if t == "mean-image":
                 out.append(Attack(t, "none"))
             else:
-                out += [Attack(t, "weak")] + [Attack(t, "strong", s) for s in scales]
+                out += [Attack(t, "weak")] + [Attack(t, "strong", s) for s in (sweep if t == "white-box" else [1])]
+                if t == "white-box" and self.converge and budget.converged is not None:
+                    out.append(Attack(t, "converged"))
         return out
 
     def config(self, budget: Budget) -> SplitConfig:
-        over: dict[str, object] = {**SCRATCH, **budget.train, **method_overrides(self.method, self.bits)}
+        over: dict[str, object] = {**budget.base(), **method_overrides(self.method, self.bits)}
         over.update({"dataset": self.dataset, "seed": self.seed, "feature-noise": self.sigma,
                      "text-mode": self.text_mode})
+        if self.clip:
+            over["feature-noise-clip"] = self.clip
+        if self.nopeek:
+            over["nopeek-weight"] = self.nopeek
         return SplitConfig.from_run_config(over)
 
     def key(self, budget: Budget, attack: Attack) -> str:
@@ -205,7 +255,10 @@ class Victim:
         blob: dict[str, object] = {"cfg": self.config(budget).to_run_config(), "threat": attack.threat,
                                    "clients": CLIENTS, "aux": budget.aux_samples, "dec": asdict(budget.decoder),
                                    "sur": asdict(budget.surrogate)}
-        if attack.attacker == "strong":
+        if attack.attacker == "converged":
+            blob |= {"attacker": "converged", "converged": asdict(budget.converged), "strong": asdict(budget.strong),
+                     "val_seed": VAL_SEED}
+        elif attack.attacker == "strong":
             blob |= {"attacker": "strong", "scale": attack.scale, "strong": asdict(budget.strong),
                      "val_seed": VAL_SEED}
         return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
@@ -216,38 +269,70 @@ class Victim:
     @property
     def name(self) -> str:
         text = "" if self.text_mode == "ids" else f"-text-{self.text_mode}"
-        return f"{self.dataset}-{self.method}-b{self.bits}-s{self.sigma:g}{text}-seed{self.seed}"
+        defence = (f"-c{self.clip:g}" if self.clip else "") + (f"-nopeek{self.nopeek:g}" if self.nopeek else "")
+        return f"{self.dataset}-{self.method}-b{self.bits}-s{self.sigma:g}{defence}{text}-seed{self.seed}"
 
 
 # ----------------------------------------------------------------------------- the grid
 ACCEPT_DATASETS = ("faces", "pathology")
-SEEDS = (0, 1)
+SEEDS = (0, 1, 2)  # the fine-tuning regime's, compared paired by seed
+SCRATCH_SEEDS = (0, 1)
 VQ_BITS = 8  # 256 codewords, 64 tokens x 8 bits = 64 bytes per image
 SWEEP_BITS = (1, 2, 3, 4)
 NOISE_SIGMAS = (0.25, 0.5, 1.0)
 NOISE_METHODS = (("identity", 16), ("rdfsq", 1), ("rdfsq", 2), ("rdfsq", 3))
+# Fine-tuning regime defences, on faces at RD-FSQ b = 2: the clip bound C, a little below the
+# median L2 norm of one image's 64 x 128 connector features at the checkpoint (114 on public
+# faces, 121 on pathology; RMS 1.3 a coordinate), with noise sigma from about the features'
+# RMS to where the per-image epsilon starts to mean something; and NoPeek's lambda.
+DP_CLIP = 100.0
+DP_SIGMAS = (0.5, 2.0, 32.0)
+NOPEEK_WEIGHTS = (1.0, 3.0)
 
 
-def full_grid() -> list[Victim]:
-    """Acceptance (faces and pathology, 2 seeds, both threats), the compressor sweep (faces,
-    seed 0, white-box), the noise defence (faces, seed 0, white-box) and text-mode=quantized
-    (faces, 2 seeds, white-box). About 30 min of one core on the project machine."""
+def full_grid(regime: str = "finetune") -> list[Victim]:
+    """The study's victims in ``regime``.
+
+    ``finetune`` (3 seeds each): faces and pathology at identity and RD-FSQ b = 2 under both
+    threat models (the verdict's pairs), RD-FSQ b = 1 and AlignedVQ white-box on faces, the
+    clipped noise and NoPeek defences on faces at b = 2, and text-mode=quantized on faces.
+    ``scratch``: the earlier study (2 seeds): acceptance, the compressor sweep, the unclipped
+    noise defence and text-mode=quantized on faces."""
     both = ("white-box", "black-box", "mean-image")
+    white = ("white-box", "mean-image")
+    if regime == "finetune":
+        out = [Victim(d, m, b, 0.0, s, both, scale_sweep=s == SEEDS[0], converge=s == SEEDS[0])
+               for d in ACCEPT_DATASETS for s in SEEDS for m, b in (("identity", 16), ("rdfsq", 2))]
+        out += [Victim("faces", "rdfsq", 1, 0.0, s, white) for s in SEEDS]
+        out += [Victim("faces", "vq", VQ_BITS, 0.0, SEEDS[0], white)]  # one seed: the study's time budget
+        out += [Victim("faces", "rdfsq", 2, sig, s, white, clip=DP_CLIP) for sig in DP_SIGMAS
+                for s in (SEEDS if sig < max(DP_SIGMAS) else SEEDS[:1])]
+        out += [Victim("faces", "rdfsq", 2, 0.0, s, white, nopeek=lam) for lam in NOPEEK_WEIGHTS for s in SEEDS]
+        out += [Victim("faces", "rdfsq", 2, 0.0, s, ("white-box",), "quantized") for s in SEEDS]
+        return out
+    if regime != "scratch":
+        raise ValueError(f"unknown regime {regime!r}; valid: {', '.join(REGIMES)}")
     accept = [("identity", 16), ("rdfsq", 1), ("rdfsq", 2), ("rdfsq", 3), ("vq", VQ_BITS)]
-    out = [Victim(d, m, b, 0.0, s, both, scale_sweep=s == SEEDS[0]) for d in ACCEPT_DATASETS for s in SEEDS
-           for m, b in accept]
+    out = [Victim(d, m, b, 0.0, s, both, scale_sweep=s == SCRATCH_SEEDS[0]) for d in ACCEPT_DATASETS
+           for s in SCRATCH_SEEDS for m, b in accept]
     sweep = [("rdfsq", 4)] + [(m, b) for m in ("fsq", "nf", "topk") for b in SWEEP_BITS]
-    out += [Victim("faces", m, b, 0.0, 0, ("white-box", "mean-image")) for m, b in sweep]
-    out += [Victim("faces", m, b, s, 0, ("white-box", "mean-image")) for m, b in NOISE_METHODS for s in NOISE_SIGMAS]
-    out += [Victim("faces", "rdfsq", 2, 0.0, seed, ("white-box", "mean-image"), "quantized") for seed in SEEDS]
+    out += [Victim("faces", m, b, 0.0, 0, white) for m, b in sweep]
+    out += [Victim("faces", m, b, s, 0, white) for m, b in NOISE_METHODS for s in NOISE_SIGMAS]
+    out += [Victim("faces", "rdfsq", 2, 0.0, seed, white, "quantized") for seed in SCRATCH_SEEDS]
     return out
 
 
-def quick_grid() -> list[Victim]:
+def quick_grid(regime: str = "finetune") -> list[Victim]:
+    """A few victims of every kind (CI smoke test); with ``finetune``, also a clipped-noise and a NoPeek one."""
     both = ("white-box", "black-box", "mean-image")
-    return [Victim("faces", "identity", 16, 0.0, 0, both, scale_sweep=True), Victim("faces", "rdfsq", 2, 0.0, 0, both),
-            Victim("faces", "rdfsq", 2, 0.5, 0, ("white-box", "mean-image")),
-            Victim("faces", "rdfsq", 2, 0.0, 0, ("white-box",), "quantized")]
+    out = [Victim("faces", "identity", 16, 0.0, 0, both, scale_sweep=True, converge=regime == "finetune"),
+           Victim("faces", "rdfsq", 2, 0.0, 0, both),
+           Victim("faces", "rdfsq", 2, 0.5, 0, ("white-box", "mean-image")),
+           Victim("faces", "rdfsq", 2, 0.0, 0, ("white-box",), "quantized")]
+    if regime == "finetune":
+        out[2] = dataclasses.replace(out[2], clip=DP_CLIP)
+        out.append(Victim("faces", "rdfsq", 2, 0.0, 0, ("white-box",), nopeek=0.3))
+    return out
 
 
 # ----------------------------------------------------------------------------- one victim
@@ -274,9 +359,14 @@ def run_victim(v: Victim, budget: Budget, skip: set[str] | frozenset[str] = froz
         raise RuntimeError(f"{len(obs.features)} captured feature rows for {len(truth)} held-out images")
     attacks = VictimAttacks(cfg, res, obs, eval_text(rt.data, rt.test_idx), budget, v.seed)
     aux = attacks.pool(1)
+    dp = feature_dp_summary(cfg, CLIENTS).get("feature_dp", {})
     common = {
-        "dataset": v.dataset, "method": v.method, "bits": v.bits, "sigma": v.sigma, "seed": v.seed,
-        "text_mode": v.text_mode,
+        "regime": budget.regime, "dataset": v.dataset, "method": v.method, "bits": v.bits, "sigma": v.sigma,
+        "clip": v.clip, "nopeek": v.nopeek, "seed": v.seed, "text_mode": v.text_mode,
+        # per-image (ε, δ) of the clipped noise over the run (sim/training/feature_dp.py); blank without noise,
+        # inf with noise but no clipping
+        "epsilon": "" if not dp else (math.inf if dp["epsilon"] is None else dp["epsilon"]),
+        "delta": dp.get("delta", ""), "releases_max": dp.get("releases_per_train_image_max", ""),
         "acc": res.accuracy[-1] if res.accuracy else math.nan,
         "acc_per_round": ";".join(f"{a:.4f}" for a in res.accuracy),
         "n_images": len(truth), "capture_bytes": capture.nbytes, "ledger_wire_bytes": capture.row.wire_bytes,
@@ -285,9 +375,10 @@ def run_victim(v: Victim, budget: Budget, skip: set[str] | frozenset[str] = froz
         "feature_bytes_per_image": obs.consumed_bytes / _padded(len(truth), cfg.batch_size),
         "train_s": round(train_s, 2), "train_cpu_s": round(train_cpu_s, 2),
     }
-    with torch.no_grad():  # scale of the pre-noise features, to read sigma against
-        common["feature_rms"] = float(attacks.victim_model.features(
-            pixels(aux, np.arange(min(256, len(aux))), image_processor(cfg))).pow(2).mean().sqrt())
+    with torch.no_grad():  # scale of the pre-noise features, to read sigma and the clip bound against
+        feats = attacks.victim_model.features(pixels(aux, np.arange(min(256, len(aux))), image_processor(cfg)))
+        common["feature_rms"] = float(feats.pow(2).mean().sqrt())
+        common["feature_norm_median"] = float(feats.flatten(1).norm(dim=1).median())
     out = VictimResult()
     out.examples["truth"] = _uint8(truth[:EXAMPLES_PER_RUN])
     for a in v.attacks(budget):
@@ -311,7 +402,7 @@ def run_victim(v: Victim, budget: Budget, skip: set[str] | frozenset[str] = froz
                          "attack_cpu_s": round(time.process_time() - c1, 2)})
         out.curves += _curve_rows({**common, **ident}, curve, "image") + _curve_rows({**common, **ident}, text_curve, "text")
         if a.attacker != "none" and a.scale == 1:
-            out.examples[a.threat if a.attacker == "weak" else f"{a.threat}-strong"] = _uint8(img.rec[:EXAMPLES_PER_RUN])
+            out.examples[a.threat if a.attacker == "weak" else f"{a.threat}-{a.attacker}"] = _uint8(img.rec[:EXAMPLES_PER_RUN])
     return out
 
 
@@ -339,30 +430,46 @@ def save_examples(path: Path, examples: dict[str, np.ndarray]) -> None:
     np.savez_compressed(path, **(old | examples))
 
 
-def run_study(grid: list[Victim], budget: Budget, csv_path: Path, examples_dir: Path) -> list[str]:
+def run_study(grid: list[Victim], budget: Budget, csv_path: Path, examples_dir: Path, jobs: int = 1) -> list[str]:
     """Run the rows of every victim that are not in ``csv_path`` yet (their learning curves go
-    to :func:`curves_path`); returns error messages."""
+    to :func:`curves_path`), ``jobs`` victims at a time in separate processes (each on one
+    torch thread; rows are written by this process as each victim finishes, in any order, and
+    do not depend on ``jobs``); returns error messages."""
     done = done_keys(csv_path)
     examples_dir.mkdir(parents=True, exist_ok=True)
     errors = []
     todo = [v for v in grid if not v.keys(budget) <= done]
-    log.info("%d victim configurations, %d to run", len(grid), len(todo))
-    for i, v in enumerate(todo, 1):
-        t0 = time.perf_counter()
-        try:
-            result = run_victim(v, budget, skip=done)
-        except Exception as err:  # one failed configuration must not lose the others; rerun retries it
-            log.exception("%s failed", v.name)
-            errors.append(f"{v.name}: {type(err).__name__}: {err}")
-            continue
-        append_rows(curves_path(csv_path), result.curves, CURVE_COLUMNS)  # first: a row is done only with its curve
-        append_rows(csv_path, result.rows)
-        save_examples(examples_dir / f"{v.name}.npz", result.examples)
-        psnr = {(r["threat"], r["attacker"]): r["psnr"] for r in result.rows if r["public_scale"] == 1}
-        log.info("[%d/%d] %s: acc %.3f, white-box PSNR %.2f dB (weak) / %.2f dB (strong), %.0f s", i, len(todo),
-                 v.name, result.rows[0]["acc"], psnr.get(("white-box", "weak"), math.nan),
-                 psnr.get(("white-box", "strong"), math.nan), time.perf_counter() - t0)
+    log.info("%d victim configurations, %d to run on %d process(es)", len(grid), len(todo), jobs)
+    if jobs > 1 and len(todo) > 1:
+        pool = ProcessPoolExecutor(min(jobs, len(todo)), mp_context=multiprocessing.get_context("spawn"))
+        futures = {pool.submit(_timed_victim, v, budget, done): v for v in todo}
+        finished = ((futures[f], f) for f in as_completed(futures))
+    else:
+        pool, finished = None, ((v, None) for v in todo)
+    try:
+        for i, (v, future) in enumerate(finished, 1):
+            try:
+                result, wall_s = future.result() if future is not None else _timed_victim(v, budget, done)
+            except Exception as err:  # one failed configuration must not lose the others; rerun retries it
+                log.error("%s failed: %s: %s", v.name, type(err).__name__, err, exc_info=err)
+                errors.append(f"{v.name}: {type(err).__name__}: {err}")
+                continue
+            append_rows(curves_path(csv_path), result.curves, CURVE_COLUMNS)  # first: a row is done only with its curve
+            append_rows(csv_path, result.rows)
+            save_examples(examples_dir / f"{v.name}.npz", result.examples)
+            psnr = {(r["threat"], r["attacker"]): r["psnr"] for r in result.rows if r["public_scale"] == 1}
+            log.info("[%d/%d] %s: acc %.3f, white-box PSNR %.2f dB (weak) / %.2f dB (strong), %.0f s", i, len(todo),
+                     v.name, result.rows[0]["acc"] if result.rows else math.nan,
+                     psnr.get(("white-box", "weak"), math.nan), psnr.get(("white-box", "strong"), math.nan), wall_s)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     return errors
+
+
+def _timed_victim(v: Victim, budget: Budget, skip: set[str]) -> tuple[VictimResult, float]:
+    t0 = time.perf_counter()
+    return run_victim(v, budget, skip), time.perf_counter() - t0
 
 
 def curves_path(csv_path: Path) -> Path:
@@ -383,6 +490,12 @@ def _scales(text: str) -> tuple[int, ...]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.inversion", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="toy budget and grid (CI smoke test, < 3 min)")
+    p.add_argument("--regime", choices=REGIMES, default="finetune",
+                   help="finetune (default, the headline: victims fine-tune the shipped checkpoint; rows in "
+                   "privacy.csv) or scratch (the earlier study from random weights; rows in privacy_scratch.csv); "
+                   "the report shows both")
+    p.add_argument("--jobs", type=int, default=1, help="victims trained and attacked at once, one process and "
+                   "one torch thread each (default 1; results do not depend on it)")
     p.add_argument("--out", type=Path, default=None, help="results folder (default experiments/results, "
                    "or runs/privacy-quick with --quick)")
     p.add_argument("--examples", type=Path, default=None, help="example reconstructions (default runs/privacy-examples; "
@@ -399,15 +512,20 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (ROOT / "runs" / "privacy-quick" if args.quick else RESULTS)
     examples = args.examples or (out / "examples" if args.quick else ROOT / "runs" / "privacy-examples")
     out.mkdir(parents=True, exist_ok=True)
-    csv_path = out / "privacy.csv"
-    budget = QUICK if args.quick else FULL
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
+    csv_path = out / ("privacy.csv" if args.regime == "finetune" else "privacy_scratch.csv")
+    if args.regime == "scratch":
+        examples = examples / "scratch"
+    budget = BUDGETS[(args.regime, args.quick)]
     if args.public_scale is not None:
         budget = dataclasses.replace(budget, public_scales=args.public_scale)
     errors: list[str] = []
-    previous = json.loads((out / "privacy_config.json").read_text()) if (out / "privacy_config.json").exists() else {}
+    config_path = csv_path.with_name(csv_path.stem + "_config.json")  # privacy_config.json, privacy_scratch_config.json
+    previous = json.loads(config_path.read_text()) if config_path.exists() else {}
     study_wall_s = previous.get("study_wall_s")
     if not args.report_only:
-        grid = quick_grid() if args.quick else full_grid()
+        grid = quick_grid(args.regime) if args.quick else full_grid(args.regime)
         keys = set().union(*(v.keys(budget) for v in grid))
         stale = set_aside_stale(csv_path, keys)
         set_aside_stale(curves_path(csv_path), keys, CURVE_COLUMNS)
@@ -416,18 +534,21 @@ def main(argv: list[str] | None = None) -> int:
                         csv_path.with_name(csv_path.stem + "_stale.csv"))
         t0 = time.perf_counter()
         before = len(done_keys(csv_path))
-        errors = run_study(grid, budget, csv_path, examples)
+        errors = run_study(grid, budget, csv_path, examples, args.jobs)
         if len(done_keys(csv_path)) > before:  # something ran: this command's wall time
             study_wall_s = round(time.perf_counter() - t0, 1)
         log.info("study finished in %.0f s", time.perf_counter() - t0)
-    (out / "privacy_config.json").write_text(json.dumps(
-        {"budget": {"train": budget.train, "aux_samples": budget.aux_samples, "decoder": asdict(budget.decoder),
+    config_path.write_text(json.dumps(
+        {"regime": budget.regime, "base": budget.base(),
+         "budget": {"train": budget.train, "aux_samples": budget.aux_samples, "decoder": asdict(budget.decoder),
                     "surrogate": asdict(budget.surrogate), "strong": asdict(budget.strong),
+                    "converged": asdict(budget.converged) if budget.converged is not None else None,
                     "public_scales": list(budget.public_scales)},
          "clients": CLIENTS, "victim_partition": VICTIM, "aux_seed": AUX_SEED, "val_seed": VAL_SEED,
          "vq_split": VQ_SPLIT,
          "errors": errors, "study_wall_s": study_wall_s}, indent=2))
-    write_report(csv_path, examples, out, quick=args.quick)
+    headline = out / "privacy.csv"  # the report reads privacy_scratch.csv beside it too
+    write_report(headline if headline.exists() else csv_path, examples, out, quick=args.quick)
     for e in errors:
         log.error("failed: %s", e)
     return 1 if errors else 0

@@ -11,7 +11,7 @@ import pandas as pd
 
 from experiments.privacy_report import _flags, _method_label, scale_table, strong_view, weak_view
 
-VICTIM_COLS = ["dataset", "method", "bits", "sigma", "seed", "text_mode"]
+VICTIM_COLS = ["regime", "dataset", "method", "bits", "sigma", "clip", "nopeek", "seed", "text_mode"]
 
 
 def _pct(x: float) -> str:
@@ -96,6 +96,7 @@ def strong_section(full: pd.DataFrame, df: pd.DataFrame, config: dict, datasets:
         "the maximum of each curve (`val_psnr` in `privacy.csv`, curves in `privacy_curves.csv`).",
     ]
     md += _gain_lines(full)
+    md += converged_lines(df, budget.get("converged"))
     for d in datasets:
         md += ["", f"### {d}", "", scale_table(full[full.text_mode == "ids"], d)]
     if curves_png:
@@ -103,11 +104,45 @@ def strong_section(full: pd.DataFrame, df: pd.DataFrame, config: dict, datasets:
     return md + [""]
 
 
+def converged_lines(df: pd.DataFrame, converged: dict | None) -> list[str]:
+    """The check of the capped strong attacker against the ``converged`` one (the same decoder
+    under a longer stopping rule) on the same victims: steps, stop, validation and victim PSNR,
+    and the fp16 minus 2-bit gap under each."""
+    conv = df[(df.attacker == "converged") & (df.text_mode == "ids")]
+    if conv.empty:
+        return []
+    stop = (converged or {}).get("stop", {})
+    keys = [*VICTIM_COLS, "threat"]
+    capped = df[(df.attacker == "strong") & (df.public_scale == 1)]
+    both = conv.merge(capped, on=keys, suffixes=("", "_capped"))
+    early = _flags(conv.stopped_early)
+    out = ["", f"* **Is the capped strong attacker converged?** The same decoder trained under a longer rule "
+           f"(at most {stop.get('max_steps')} steps, {stop.get('patience')} evaluations of patience, "
+           f"{stop.get('lr_drops')} learning-rate drop; the `converged` rows) on the seed-{int(conv.seed.min())} "
+           f"acceptance victims, white-box: {int(early.sum())} of {early.notna().sum()} stopped on a validation "
+           "plateau. Its gain over the capped attacker, and the fp16 minus 2-bit gap under each:", "",
+           "| dataset | method | steps run (capped → longer) | stopped on a plateau | validation PSNR (dB) | "
+           "victim PSNR (dB) | victim SSIM |", "|---|---|---|---|---|---|---|"]
+    for _, r in both.sort_values(["dataset", "method"]).iterrows():
+        out.append(f"| {r.dataset} | {_method_label(r.method, r.bits)} | {r.decoder_steps_capped:,.0f} → "
+                   f"{r.decoder_steps:,.0f} | {'yes' if _flags(pd.Series([r.stopped_early])).iloc[0] == 1 else 'no'} | "
+                   f"{r.val_psnr_capped:.2f} → {r.val_psnr:.2f} | {r.psnr_capped:.2f} → {r.psnr:.2f} | "
+                   f"{r.ssim_capped:.3f} → {r.ssim:.3f} |")
+    for d in sorted(set(both.dataset)):
+        g = both[both.dataset == d].set_index("method")
+        if {"identity", "rdfsq"} <= set(g.index):
+            out.append("")
+            out.append(f"* {d}: fp16 minus 2-bit PSNR gap {g.psnr_capped['identity'] - g.psnr_capped['rdfsq']:+.2f} dB "
+                       f"under the capped attacker, {g.psnr['identity'] - g.psnr['rdfsq']:+.2f} dB under the longer one "
+                       "(one seed).")
+    return out
+
+
 def _gain_lines(full: pd.DataFrame) -> list[str]:
     """Strong minus weak PSNR (1x) per threat, verdicts that change, and the gain from more public data."""
     s = full[full.text_mode == "ids"]
     weak, strong = weak_view(s), strong_view(s)
-    keys = ["dataset", "method", "bits", "sigma", "threat"]
+    keys = ["regime", "dataset", "method", "bits", "sigma", "clip", "nopeek", "threat"]
     both = strong.merge(weak, on=keys, suffixes=("", "_weak"))
     base = s[s.threat == "mean-image"].groupby("dataset").psnr.mean()
     out = []
@@ -120,7 +155,8 @@ def _gain_lines(full: pd.DataFrame) -> list[str]:
     margin = both.dataset.map(base)
     flips = both[(both.psnr_weak <= margin + 1.0) & (both.psnr > margin + 1.0)]
     names = ", ".join(f"{r.dataset} {_method_label(r.method, r.bits)} {r.threat}"
-                      + (f" σ={r.sigma:g}" if r.sigma else "") + f" ({r.psnr_weak:.1f} → {r.psnr:.1f} dB)"
+                      + (f" σ={r.sigma:g}" if r.sigma else "") + (f" C={r['clip']:g}" if r["clip"] else "")
+                      + (f" λ={r.nopeek:g}" if r.nopeek else "") + f" ({r.psnr_weak:.1f} → {r.psnr:.1f} dB)"
                       for _, r in flips.iterrows())
     out.append(f"* **Verdicts that change**: {len(flips)} configurations where the weak attacker stays within 1 dB of "
                f"the mean-image baseline but the strong one beats it by more than 1 dB{': ' + names if names else ''}.")

@@ -7,6 +7,8 @@ Attackers::
     weak   : experiments.attack.fit_decoder, a fixed budget, on the 1x public pool;
              black-box encoder: experiments.attack.surrogate_client (task loss only);
              text (text-mode=quantized): experiments.attack.TextInverter (nearest centroid)
+    converged: the strong white-box attacker under a longer stopping rule (``Budget.converged``),
+             the check of how far the capped strong one is from its plateau
     strong : experiments.strong_attack.fit_strong_decoder (U-Net, until the PSNR on held-out
              public images stops improving) on the scale x aux_samples public pool;
              black-box encoder: the surrogate with FORA's feature alignment (MK-MMD² to the
@@ -104,10 +106,13 @@ class VictimAttacks:
             return ImageAttack(reconstruct(dec, self.obs.features, own_statistics=black), len(pool),
                                decoder_steps=self.budget.decoder.steps)
         strong = self.budget.strong
+        decoder = self.budget.converged if a.attacker == "converged" else strong.decoder
+        if decoder is None:
+            raise ValueError("this budget has no converged-attacker decoder (Budget.converged)")
         enc = surrogate_client(self.cfg, self.server, pool, self.res.client_weights, strong.surrogate, seed=seed,
                                align_to=self.obs.features, mmd_weight=strong.mmd_weight) if black else self.victim_model
         dec, curve = fit_strong_decoder(self._features(enc, pool), images, self._features(enc, self.val),
-                                        unit_images(self.val), strong.decoder, seed=self.seed)
+                                        unit_images(self.val), decoder, seed=self.seed)
         return ImageAttack(reconstruct(dec, self.obs.features, own_statistics=black), len(pool), curve,
                            curve.steps_run)
 
@@ -116,7 +121,7 @@ class VictimAttacks:
         the learned reader the first time it is fitted (one per scale), else None."""
         if self.cfg.text_mode != "quantized":
             return text_recovery(self.obs, *self.truth_text), None
-        kind = "strong" if a.attacker == "strong" else "weak"
+        kind = "strong" if a.attacker in ("strong", "converged") else "weak"
         slot = (kind, a.scale if kind == "strong" else 1)
         if slot in self._texts:
             return self._texts[slot], None

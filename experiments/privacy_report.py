@@ -11,7 +11,9 @@ strong attacker's as ``<threat>-strong``). Outputs in the results folder: ``priv
 and ``privacy_examples_pathology.png``. The faces grid goes next to the examples (kept out
 of the repository: the faces are real people). The bits, bytes and noise plots and tables
 show the weak (fixed-budget) attacker, as they always did; the strong attacker has its own
-columns, table and curves.
+columns, table and curves. Every table and plot here takes the rows of one regime; those
+that are not about a defence show the undefended runs only (:func:`undefended`), the noise
+ones no NoPeek runs (:func:`noise_view`).
 
 Error bars and "±": the standard deviation over seeds of the per-seed means when a
 configuration has 2 or more seeds; with a single seed, the standard error over the
@@ -39,14 +41,19 @@ GRID_ROWS = (("identity", 16), ("rdfsq", 1), ("rdfsq", 2), ("rdfsq", 3), ("vq", 
 
 
 # ----------------------------------------------------------------------------- summaries
-NEW_COLUMNS = ("prompt_exact_recovery", "public_images", "decoder_steps", "best_step", "val_psnr", "stopped_early")
+NEW_COLUMNS = ("prompt_exact_recovery", "public_images", "decoder_steps", "best_step", "val_psnr", "stopped_early",
+               "epsilon", "delta", "releases_max", "feature_norm_median")
 
 
 def with_attacker_columns(df: pd.DataFrame) -> pd.DataFrame:
     """Rows of a CSV written before the strong attacker (no ``attacker``/``public_scale``
-    columns) read as the weak attacker on the 1x pool (``none`` for the mean image), as
-    :mod:`experiments.privacy_rows` upgrades them."""
+    columns) read as the weak attacker on the 1x pool (``none`` for the mean image), and rows
+    written before the fine-tuning regime, clipping and NoPeek as ``regime=scratch``,
+    ``clip=0``, ``nopeek=0``, as :mod:`experiments.privacy_rows` upgrades them."""
     df = df.copy()
+    df["regime"] = df.get("regime", pd.Series("", index=df.index)).fillna("").replace("", "scratch")
+    for col in ("clip", "nopeek"):
+        df[col] = df.get(col, pd.Series(0.0, index=df.index)).fillna(0.0).astype(float)
     if "attacker" not in df:
         df["attacker"] = ""
     df["attacker"] = df.attacker.fillna("").where(df.attacker.fillna("") != "",
@@ -55,18 +62,26 @@ def with_attacker_columns(df: pd.DataFrame) -> pd.DataFrame:
     for col in NEW_COLUMNS:
         if col not in df:
             df[col] = np.nan
+    for col in ("epsilon", "delta", "releases_max", "feature_norm_median"):  # blank: not applicable
+        df[col] = pd.to_numeric(df[col], errors="coerce")
     return df
 
 
+SUMMARY_KEYS = ["regime", "dataset", "method", "bits", "sigma", "clip", "nopeek", "text_mode", "threat", "attacker",
+                "public_scale"]
+
+
 def summarise(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (dataset, method, bits, sigma, text mode, threat, attacker, public scale):
-    means and spreads over seeds."""
+    """One row per (regime, dataset, method, bits, sigma, clip, nopeek, text mode, threat,
+    attacker, public scale): means and spreads over seeds; ``epsilon`` is the mean over seeds
+    (every seed has the same), ``releases_max`` the largest."""
     rows = []
-    keys = ["dataset", "method", "bits", "sigma", "text_mode", "threat", "attacker", "public_scale"]
-    for (d, m, b, s, tm, t, a, sc), g in df.groupby(keys, sort=False):
+    for (r, d, m, b, s, c, lam, tm, t, a, sc), g in df.groupby(SUMMARY_KEYS, sort=False):
         n = len(g)
-        row = {"dataset": d, "method": m, "bits": int(b), "sigma": float(s), "text_mode": tm, "threat": t,
-               "attacker": a, "public_scale": int(sc), "seeds": n,
+        row = {"regime": r, "dataset": d, "method": m, "bits": int(b), "sigma": float(s), "clip": float(c),
+               "nopeek": float(lam), "text_mode": tm, "threat": t, "attacker": a, "public_scale": int(sc), "seeds": n,
+               "epsilon": float(g.epsilon.mean()), "delta": float(g.delta.mean()),
+               "releases_max": float(g.releases_max.max()), "feature_norm_median": float(g.feature_norm_median.mean()),
                "bytes_per_image": float(g.feature_bytes_per_image.mean()),
                "val_psnr": float(g.val_psnr.mean()), "decoder_steps": float(g.decoder_steps.mean()),
                "best_step": float(g.best_step.mean()),
@@ -91,12 +106,22 @@ def _flags(col: pd.Series) -> pd.Series:
 
 def weak_view(s: pd.DataFrame) -> pd.DataFrame:
     """The summary rows of the weak attacker and the mean-image baseline (the 1x public pool)."""
-    return s[(s.attacker != "strong") & (s.public_scale == 1)]
+    return s[s.attacker.isin(("weak", "none")) & (s.public_scale == 1)]
 
 
 def strong_view(s: pd.DataFrame, scale: int = 1) -> pd.DataFrame:
     """The summary rows of the strong attacker on the ``scale`` x public pool."""
     return s[(s.attacker == "strong") & (s.public_scale == scale)]
+
+
+def undefended(s: pd.DataFrame) -> pd.DataFrame:
+    """The rows (raw or summary) without any defence: no feature noise, no clipping, no NoPeek."""
+    return s[(s.sigma == 0) & (s["clip"] == 0) & (s.nopeek == 0)]
+
+
+def noise_view(s: pd.DataFrame) -> pd.DataFrame:
+    """The feature-noise rows (any clip) and the undefended ones, without NoPeek or clipping alone."""
+    return s[(s.nopeek == 0) & ((s.sigma > 0) | (s["clip"] == 0))]
 
 
 def _pm(mean: float, err: float, digits: int, scale: float = 1.0, kind: str = "") -> str:
@@ -131,8 +156,9 @@ def _cell(sub: pd.DataFrame, m: str, b: int, threat: str, col: str, digits: int)
 def attack_table(s: pd.DataFrame, dataset: str, sigma: float = 0.0, methods: tuple[str, ...] | None = None,
                  max_bits: int | None = None) -> str:
     """Markdown: one row per method/bits with bytes, task accuracy and each threat's PSNR/SSIM
-    as ``weak / strong`` (both on the 1x public pool)."""
-    sub = s[(s.dataset == dataset) & (s.sigma == sigma)]
+    as ``weak / strong`` (both on the 1x public pool); no NoPeek, and no clipping at ``sigma`` 0."""
+    sub = s[s.dataset == dataset]
+    sub = undefended(sub) if sigma == 0 else sub[(sub.sigma == sigma) & (sub.nopeek == 0)]
     if methods is not None:
         sub = sub[sub.method.isin(methods)]
     if max_bits is not None:
@@ -156,8 +182,8 @@ def attack_table(s: pd.DataFrame, dataset: str, sigma: float = 0.0, methods: tup
 
 def scale_table(s: pd.DataFrame, dataset: str) -> str:
     """Markdown: per method/bits and threat, the weak attacker's PSNR and the strong one's at
-    every public-pool scale measured, with the strong fits' mean steps at 1x (noise-free runs)."""
-    sub = s[(s.dataset == dataset) & (s.sigma == 0) & (s.threat != "mean-image")]
+    every public-pool scale measured, with the strong fits' mean steps at 1x (undefended runs)."""
+    sub = undefended(s[(s.dataset == dataset) & (s.threat != "mean-image")])
     scales = sorted(set(sub[sub.attacker == "strong"].public_scale))
     if not scales:
         return "_(no strong-attacker runs)_"
@@ -177,15 +203,21 @@ def scale_table(s: pd.DataFrame, dataset: str) -> str:
 
 
 def noise_table(s: pd.DataFrame, dataset: str) -> str:
-    sub = s[(s.dataset == dataset) & (s.threat == "white-box")]
+    """Markdown: white-box PSNR/SSIM and accuracy along σ for every method/bits with noise runs
+    (the clip bound C as a column when some run clips; no NoPeek rows)."""
+    sub = noise_view(s[(s.dataset == dataset) & (s.threat == "white-box")])
     noisy = sub[sub.sigma > 0]
     if noisy.empty:
         return "_(no feature-noise runs)_"
     keep = {(m, b) for m, b in zip(noisy.method, noisy.bits)}
     sub = _order(sub[[(m, b) in keep for m, b in zip(sub.method, sub.bits)]])
-    lines = ["| method | σ | seeds | task accuracy (%) | white-box PSNR (dB) | white-box SSIM |", "|---|---|---|---|---|---|"]
+    clipped = bool((noisy["clip"] > 0).any())
+    lines = ["| method | σ |" + (" C |" if clipped else "") + " seeds | task accuracy (%) | white-box PSNR (dB) "
+             "| white-box SSIM |", "|---|---|" + ("---|" if clipped else "") + "---|---|---|---|"]
     for _, r in sub.iterrows():
-        lines.append(f"| {_method_label(r.method, r.bits)} | {r.sigma:g} | {r.seeds} | {_pm(r.acc, r.acc_err, 1, 100)} "
+        clip = f" {r['clip']:g} |" if clipped else ""
+        lines.append(f"| {_method_label(r.method, r.bits)} | {r.sigma:g} |{clip} {r.seeds} "
+                     f"| {_pm(r.acc, r.acc_err, 1, 100)} "
                      f"| {_pm(r.psnr, r.psnr_err, 2, kind=r.psnr_err_kind)} | {_pm(r.ssim, r.ssim_err, 3, kind=r.ssim_err_kind)} |")
     return "\n".join(lines)
 
@@ -208,7 +240,7 @@ def plot_psnr_vs_bits(s: pd.DataFrame, path: Path) -> None:
     datasets = [d for d in ("faces", "pathology", "retina") if d in set(s.dataset)]
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.2 * len(datasets), 3.8), squeeze=False)
     for ax, d in zip(axes[0], datasets):
-        sub = s[(s.dataset == d) & (s.sigma == 0) & (s.threat == "white-box")]
+        sub = undefended(s[(s.dataset == d) & (s.threat == "white-box")])
         for m in METHOD_ORDER:
             g = sub[(sub.method == m)].sort_values("bits")
             if g.empty or m in ("identity", "vq"):  # fp16 is a line; vq's bits are per token (bytes plot)
@@ -218,7 +250,7 @@ def plot_psnr_vs_bits(s: pd.DataFrame, path: Path) -> None:
         if len(ident):
             ax.axhline(ident.psnr.iloc[0], color=COLORS["identity"], ls="--", label="identity fp16")
         _mean_image_line(ax, s, d)
-        bb = s[(s.dataset == d) & (s.sigma == 0) & (s.threat == "black-box") & (s.method == "rdfsq")].sort_values("bits")
+        bb = undefended(s[(s.dataset == d) & (s.threat == "black-box") & (s.method == "rdfsq")]).sort_values("bits")
         if len(bb):
             ax.errorbar(bb.bits, bb.psnr, yerr=bb.psnr_err, marker="s", ls="-.", capsize=3, color=COLORS["rdfsq"],
                         mfc="white", label="RD-FSQ, black-box")
@@ -232,19 +264,20 @@ def plot_psnr_vs_bits(s: pd.DataFrame, path: Path) -> None:
 
 def plot_utility(s: pd.DataFrame, path: Path) -> None:
     """Privacy/utility: task accuracy (x) vs white-box inversion PSNR (y), one line per
-    method/bits along sigma."""
-    sub = s[(s.threat == "white-box")]
+    method/bits (and clip bound C) along sigma, from the undefended point."""
+    sub = noise_view(s[(s.threat == "white-box")])
     noisy = sub[sub.sigma > 0]
     datasets = sorted(set(noisy.dataset)) or sorted(set(sub.dataset))
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.6 * len(datasets), 4.2), squeeze=False)
     for ax, d in zip(axes[0], datasets):
         dn = sub[sub.dataset == d]
-        keys = sorted({(m, b) for m, b in zip(dn[dn.sigma > 0].method, dn[dn.sigma > 0].bits)},
-                      key=lambda k: (METHOD_ORDER.index(k[0]) if k[0] in METHOD_ORDER else 99, k[1]))
-        for m, b in keys:
-            g = dn[(dn.method == m) & (dn.bits == b)].sort_values("sigma")
+        dnoisy = dn[dn.sigma > 0]
+        keys = sorted(set(zip(dnoisy.method, dnoisy.bits, dnoisy["clip"])),
+                      key=lambda k: (METHOD_ORDER.index(k[0]) if k[0] in METHOD_ORDER else 99, k[1], k[2]))
+        for m, b, c in keys:
+            g = dn[(dn.method == m) & (dn.bits == b) & ((dn["clip"] == c) | (dn.sigma == 0))].sort_values("sigma")
             ax.errorbar(100 * g.acc, g.psnr, xerr=100 * g.acc_err.fillna(0), yerr=g.psnr_err, marker="o", capsize=3,
-                        label=_method_label(m, b))
+                        label=_method_label(m, b) + (f", C={c:g}" if c else ""))
             for _, r in g.iterrows():
                 ax.annotate(f"σ={r.sigma:g}", (100 * r.acc, r.psnr), fontsize=6, xytext=(3, 3), textcoords="offset points")
         _mean_image_line(ax, s, d)
@@ -256,7 +289,7 @@ def plot_utility(s: pd.DataFrame, path: Path) -> None:
 
 
 def plot_psnr_vs_bytes(s: pd.DataFrame, path: Path) -> None:
-    sub = s[(s.sigma == 0) & (s.threat == "white-box")]
+    sub = undefended(s[s.threat == "white-box"])
     datasets = [d for d in ("faces", "pathology", "retina") if d in set(sub.dataset)]
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.2 * len(datasets), 3.8), squeeze=False)
     for ax, d in zip(axes[0], datasets):
@@ -290,7 +323,8 @@ def plot_learning_curves(curves: pd.DataFrame, path: Path) -> bool:
     for _, g in image.groupby("key", sort=False):
         g = g.sort_values("step")
         r = g.iloc[0]
-        style = {"color": COLORS.get(r.method, "grey"), "ls": "--" if r.threat == "black-box" else "-",
+        ls = ":" if r.get("attacker") == "converged" else "--" if r.threat == "black-box" else "-"
+        style = {"color": COLORS.get(r.method, "grey"), "ls": ls,
                  "lw": 0.6 + 0.4 * math.log2(max(1, int(r.public_scale))), "alpha": 0.7}
         ax_loss.plot(g.step, g.train_loss, **style, label=None if r.method in seen else LABELS.get(r.method, r.method))
         seen.add(r.method)
@@ -300,7 +334,8 @@ def plot_learning_curves(curves: pd.DataFrame, path: Path) -> bool:
         ax.plot(best.step, best.val_psnr, "o", ms=3, color=style["color"])
     ax_loss.set(xlabel="decoder step", ylabel="training MSE (mean since the last evaluation)", yscale="log",
                 title="strong image decoder: training loss")
-    ax_loss.legend(fontsize=7, title="solid white-box, dashed black-box,\nthicker: larger public pool",
+    ax_loss.legend(fontsize=7, title="solid white-box, dashed black-box,\nthicker: larger public pool,\n"
+                   "dotted: the longer (converged) rule",
                    title_fontsize=7)
     for i, d in enumerate(datasets, 1):
         axes[0, i].set(xlabel="decoder step", ylabel="PSNR on held-out public images (dB)",

@@ -7,7 +7,8 @@ budget or config go to ``<stem>_stale.csv`` (:func:`set_aside_stale`). Files wri
 the ``attacker`` and ``public_scale`` columns existed are rewritten in the current schema on
 first touch (:func:`upgrade_schema`): their rows were made by the fixed-budget decoder on the
 1x public pool, so they become ``attacker=weak`` (``none`` for the mean-image baseline),
-``public_scale=1``, and keep their keys, which the weak rows of the current grid still hash
+``public_scale=1``; rows written before the fine-tuning regime, clipping and NoPeek become
+``regime=scratch``, ``clip=0``, ``nopeek=0``; all keep their keys, which the weak rows of the current grid still hash
 to, so they are reused, not recomputed.
 """
 
@@ -17,15 +18,18 @@ import csv
 from pathlib import Path
 
 COLUMNS = (
-    "key", "dataset", "method", "bits", "sigma", "seed", "text_mode", "threat", "attacker", "public_scale",
+    "key", "regime", "dataset", "method", "bits", "sigma", "clip", "nopeek", "seed", "text_mode", "threat", "attacker",
+    "public_scale", "epsilon", "delta", "releases_max",
     "acc", "acc_per_round", "psnr", "psnr_std", "ssim", "ssim_std", "n_images",
     "capture_bytes", "ledger_wire_bytes", "ledger_payload_bytes", "ledger_feature_bytes", "consumed_bytes",
     "feature_bytes_per_image", "prompt_token_recovery", "prompt_exact_recovery", "answer_recovery", "feature_rms",
+    "feature_norm_median",
     "public_images", "decoder_steps", "best_step", "val_psnr", "stopped_early",
     "train_s", "train_cpu_s", "attack_s", "attack_cpu_s",
 )
 CURVE_COLUMNS = (
-    "key", "dataset", "method", "bits", "sigma", "seed", "text_mode", "threat", "attacker", "public_scale",
+    "key", "regime", "dataset", "method", "bits", "sigma", "clip", "nopeek", "seed", "text_mode", "threat", "attacker",
+    "public_scale", "epsilon", "delta", "releases_max",
     "target", "step", "train_loss", "val_psnr", "val_token_accuracy",
 )
 
@@ -37,6 +41,11 @@ def _current(row: dict[str, str]) -> dict[str, str]:
         out["attacker"] = "none" if out.get("threat") == "mean-image" else "weak"
     if not out.get("public_scale"):
         out["public_scale"] = "1"
+    if not out.get("regime"):  # written before the fine-tuning regime: trained from random weights
+        out["regime"] = "scratch"
+    for col in ("clip", "nopeek"):  # written before clipping and NoPeek: neither was on
+        if not out.get(col):
+            out[col] = "0"
     return out
 
 

@@ -11,7 +11,7 @@ actors all belong to it) and samples every process of the group twice a second:
 
 Usage::
 
-    python scripts/measure_memory.py --clients 100 --out runs/mem100 -c num-server-rounds=1 ...
+    python scripts/measure_memory.py --clients 100 --out runs/mem100 -c num-server-rounds=1 -c stage=finetune ...
 
 Writes ``memory.json`` into the run directory and prints it.
 """

@@ -191,16 +191,24 @@ def test_faces_run_never_sees_a_public_source():
 # ----------------------------------------------------------------------------- the driver
 def test_quick_study_runs_end_to_end(tmp_path):
     out = tmp_path / "privacy"
-    proc = subprocess.run([sys.executable, "-m", "experiments.inversion", "--quick", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "experiments.inversion", "--quick", "--jobs", "2", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     df = pd.read_csv(out / "privacy.csv")
+    assert set(df.regime) == {"finetune"}  # the headline regime: victims fine-tune the shipped checkpoint
+    noisy = df[df.sigma > 0]
+    assert len(noisy) and (noisy["clip"] > 0).all() and (noisy.epsilon > 0).all() and np.isfinite(noisy.epsilon).all()
+    assert df[df.sigma == 0].epsilon.isna().all() and set(df.nopeek) == {0.0, 0.3}
     assert set(df.threat) == {"white-box", "black-box", "mean-image"}
     # every threat of every victim has the weak and the strong attacker; the sweep victim also 2x the public pool
-    attacked = df[df.threat != "mean-image"]
+    # and the converged check (the strong decoder under the longer rule, white-box)
+    conv = df[df.attacker == "converged"]
+    assert len(conv) == 1 and conv.iloc[0].threat == "white-box" and conv.iloc[0].method == "identity"
+    assert bool(conv.iloc[0].decoder_steps > df[df.attacker == "strong"].decoder_steps.max())
+    attacked = df[(df.threat != "mean-image") & (df.attacker != "converged")]
     assert set(attacked.attacker) == {"weak", "strong"} and set(df[df.threat == "mean-image"].attacker) == {"none"}
     one = attacked[attacked.public_scale == 1]
-    assert (one.groupby(["method", "bits", "sigma", "text_mode", "threat"]).attacker.nunique() == 2).all()
+    assert (one.groupby(["method", "bits", "sigma", "clip", "nopeek", "text_mode", "threat"]).attacker.nunique() == 2).all()
     assert set(df[df.attacker == "strong"].public_scale) == {1, 2}
     assert (df[df.public_scale == 2].attacker == "strong").all()
     strong = df[df.attacker == "strong"]
@@ -208,10 +216,11 @@ def test_quick_study_runs_end_to_end(tmp_path):
     # the learning curves: the kept weights' validation PSNR is the maximum of each curve
     curves = pd.read_csv(out / "privacy_curves.csv")
     image = curves[curves.target == "image"]
-    assert set(image.key) == set(strong.key)
+    fitted = pd.concat([strong, conv])  # every fit to a validation plateau has its curve
+    assert set(image.key) == set(fitted.key)
     best = image.groupby("key").val_psnr.max()
-    np.testing.assert_allclose(strong.set_index("key").val_psnr.loc[best.index], best.values)
-    assert (image.groupby("key").step.max() == strong.set_index("key").decoder_steps.loc[best.index].values).all()
+    np.testing.assert_allclose(fitted.set_index("key").val_psnr.loc[best.index], best.values)
+    assert (image.groupby("key").step.max() == fitted.set_index("key").decoder_steps.loc[best.index].values).all()
     # the text stream of the quantized victim: both readers measured; the learned one has a curve
     q = df[df.text_mode == "quantized"]
     assert set(q.attacker) == {"weak", "strong"} and q.prompt_token_recovery.between(0, 1).all()
@@ -315,3 +324,59 @@ def test_rows_written_before_the_strong_attacker_are_upgraded_and_reused(tmp_pat
     assert list(df.attacker) == ["weak", "none", "strong"] and list(df.public_scale) == [1, 1, 2]
     stale = pd.read_csv(tmp_path / "privacy_stale.csv")
     assert tuple(stale.columns) == COLUMNS and list(stale.key) == ["gone"] and list(stale.attacker) == ["weak"]
+
+
+def test_grids_of_both_regimes():
+    """The fine-tuning grid pairs identity with RD-FSQ b = 2 over 3 seeds on both datasets and
+    both threat models, and has the clipped-noise (with ε) and NoPeek defences; the scratch
+    grid is the earlier study, from random weights."""
+    from experiments.inversion import BUDGETS, DP_CLIP, SEEDS, full_grid
+
+    ft, scratch = full_grid("finetune"), full_grid("scratch")
+    assert len(SEEDS) >= 3
+    for d in ("faces", "pathology"):
+        for m, b in (("identity", 16), ("rdfsq", 2)):
+            vs = [v for v in ft if (v.dataset, v.method, v.bits, v.sigma, v.nopeek, v.text_mode) == (d, m, b, 0, 0, "ids")]
+            assert sorted(v.seed for v in vs) == list(SEEDS)
+            assert all({"white-box", "black-box", "mean-image"} <= set(v.threats) for v in vs)
+    noisy = [v for v in ft if v.sigma > 0]
+    assert noisy and all(v.clip == DP_CLIP for v in noisy) and any(v.nopeek > 0 for v in ft)
+    assert all(v.clip == 0 and v.nopeek == 0 for v in scratch)
+    cfg_ft = ft[0].config(BUDGETS[("finetune", False)])
+    cfg_scratch = scratch[0].config(BUDGETS[("scratch", False)])
+    assert cfg_ft.init_dir is not None and cfg_scratch.init_dir is None
+    with pytest.raises(ValueError, match="unknown regime"):
+        full_grid("pretrain")
+
+
+def test_parallel_victims_write_the_same_rows(tmp_path):
+    """--jobs runs victims in separate processes; the rows (accuracies, PSNRs) are those of one process."""
+    from experiments.inversion import QUICK, Victim, run_study
+
+    grid = [Victim("faces", "rdfsq", 2, 0.0, 0, ("white-box",)), Victim("faces", "identity", 16, 0.0, 1, ("white-box",))]
+    frames = []
+    for jobs in (1, 2):
+        csv_path = tmp_path / f"jobs{jobs}" / "privacy.csv"
+        csv_path.parent.mkdir()
+        assert run_study(grid, QUICK, csv_path, tmp_path / f"ex{jobs}", jobs=jobs) == []
+        frames.append(pd.read_csv(csv_path).sort_values(["key"]).reset_index(drop=True))
+    # (the whole message's length may differ by a few bytes: the timing-s meta of a process's first reply)
+    cols = ["key", "acc", "psnr", "ssim", "consumed_bytes", "ledger_feature_bytes"]
+    pd.testing.assert_frame_equal(frames[0][cols], frames[1][cols])
+
+
+def test_converged_attacker_rows_are_extra_and_keep_the_other_keys():
+    """A victim with ``converge`` adds one white-box ``converged`` row (the strong decoder under
+    the longer stopping rule) without changing the keys of its other rows."""
+    import dataclasses
+
+    from experiments.inversion import FULL, Attack, Victim
+
+    v = Victim("faces", "rdfsq", 2, 0.0, 0, ("white-box", "black-box", "mean-image"))
+    c = dataclasses.replace(v, converge=True)
+    extra = [a for a in c.attacks(FULL) if a not in v.attacks(FULL)]
+    assert extra == [Attack("white-box", "converged")]
+    assert v.keys(FULL) < c.keys(FULL) and len(c.keys(FULL)) == len(v.keys(FULL)) + 1
+    assert FULL.converged.stop.max_steps > FULL.strong.decoder.stop.max_steps
+    longer = dataclasses.replace(FULL, converged=dataclasses.replace(FULL.converged, lr=1e-3))
+    assert v.keys(longer) == v.keys(FULL) and c.keys(longer) != c.keys(FULL)  # only the converged row's key moves

@@ -23,6 +23,10 @@ of a micro-batch before its backward pass has the same tag, so it sees the noise
 was sent, while every other round, step or evaluation draws afresh. The accounting of
 these releases is :mod:`sim.training.feature_dp` (docs/privacy.md). ``C = 0`` keeps the
 noise above bitwise.
+
+"The run seed" above is ``ClientModel.noise_seed``: ``cfg.seed``, which the server holds,
+unless the SuperNode's node config sets ``noise-secret`` (:mod:`sim.training.node`); then it
+is :func:`secret_noise_seed` of the two, which a server without the secret cannot rebuild.
 """
 
 from __future__ import annotations
@@ -36,6 +40,16 @@ import torch
 def image_noise_seed(image: torch.Tensor, seed: int) -> int:
     """A 63-bit generator seed from the run seed and the bytes of one image."""
     h = hashlib.blake2b(image.detach().contiguous().cpu().numpy().tobytes(), digest_size=8, key=str(int(seed)).encode())
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
+def secret_noise_seed(seed: int, secret: str) -> int:
+    """A 63-bit noise seed from the run seed, keyed by a client-held secret (node config
+    ``noise-secret``): without the secret it cannot be rebuilt from the run seed."""
+    if not secret:
+        raise ValueError("the noise secret is empty")
+    key = hashlib.blake2b(secret.encode(), digest_size=64, person=b"noise-secret").digest()  # any length -> a key
+    h = hashlib.blake2b(str(int(seed)).encode(), digest_size=8, key=key, person=b"noise-seed")
     return int.from_bytes(h.digest(), "little") >> 1
 
 

@@ -128,7 +128,10 @@ class LocalDeployment:
     """SuperLink + ``num_supernodes`` SuperNodes on loopback, under ``workdir``.
 
     ``node_configs[i]`` adds ``--node-config`` pairs for SuperNode ``i`` (its
-    ``partition-id`` and ``num-partitions`` are always set). Use as a context manager;
+    ``partition-id`` and ``num-partitions`` are always set), e.g. ``{"noise-secret": s}``
+    (:mod:`sim.training.node`; ``python -m sim deploy`` sets none). They go on its command
+    line, which local users can read, and on loopback the server shares the machine anyway:
+    a secret here is for testing, not for secrecy. Use as a context manager;
     every process is stopped on exit. Logs are ``workdir/logs/*.log``.
     """
 

@@ -23,7 +23,7 @@ from sim.data.batches import TextBatch, TokenisedExamples, eval_text, pixels, st
 from sim.data.tokenizer import get_tokenizer
 from sim.model import ClientBatch, ClientModel, build_client_model, client_state, image_token_count, load_client_state
 from sim.model.device import client_device, configure_determinism
-from sim.model.feature_noise import FeatureRelease
+from sim.model.feature_noise import FeatureRelease, secret_noise_seed
 from sim.model.processor import image_processor
 
 from .schedule import lr_at, make_optimiser
@@ -54,14 +54,19 @@ class Encodings:
     aux_losses: list[float]
 
 
-def client_runtime(cfg: SplitConfig, partition: int, num_partitions: int, own_data: bool = False) -> ClientRuntime:
+def client_runtime(cfg: SplitConfig, partition: int, num_partitions: int, own_data: bool = False,
+                   noise_secret: str = "") -> ClientRuntime:
     """The runtime for one client (cached model and data; weights restored by the caller).
 
-    ``own_data``: ``cfg.data_path`` is this site's own file, used whole (not partitioned)."""
+    ``own_data``: ``cfg.data_path`` is this site's own file, used whole (not partitioned).
+    ``noise_secret``: the node's ``noise-secret``; the model's ``noise_seed`` is
+    :func:`secret_noise_seed` of it and ``cfg.seed``, or ``cfg.seed`` when empty (set on every
+    call: the cached model is shared by the runtimes of one config)."""
     if not 0 <= partition < num_partitions:
         raise ValueError(f"partition-id {partition} is outside [0, {num_partitions})")
     tok = get_tokenizer(cfg)
     model, opt = _model_and_optimiser(cfg, len(tok))
+    model.noise_seed = secret_noise_seed(cfg.seed, noise_secret) if noise_secret else cfg.seed
     data = _tokenised(cfg)
     train_idx, test_idx = _shard(cfg, 0, 1) if own_data else _shard(cfg, partition, num_partitions)
     bad = bad_record_count(cfg.dataset, cfg.data_path, cfg.image_size, cfg.num_samples, cfg.seed, cfg.on_bad_record,

@@ -53,7 +53,8 @@ def _client_config(content: RecordDict, state: RecordDict, node: NodeIdentity) -
 def _restore(cfg: SplitConfig, content: RecordDict, state: RecordDict, node: NodeIdentity, resumed_from: int = 0) -> ClientRuntime:
     """The client runtime with this client's weights (the request's, else its own) and
     optimiser state (its own, else the checkpoint of a resumed run, else fresh)."""
-    rt = client_runtime(cfg, node.partition, node.num_partitions, own_data=bool(node.data_path))
+    rt = client_runtime(cfg, node.partition, node.num_partitions, own_data=bool(node.data_path),
+                        noise_secret=node.noise_secret)
     source = content if "weights" in content.array_records else state
     key = "weights" if source is content else "client.weights"
     if key not in source.array_records:

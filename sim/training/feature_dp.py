@@ -26,8 +26,11 @@ noise), the residual stream of ``residual-mode=transmit`` (sent without noise, s
 reported), and the client weights and codec statistics sent back for FedAvg: they are
 trained on the images and are not noised, so the bound is conditional on the client
 weights (treated as known to the server) and is not an end-to-end guarantee of the run.
-The noise is seeded from the run seed, which the server holds: the ε assumes the server
-cannot regenerate the noise, i.e. a deployment keeps that seed from it (docs/privacy.md).
+The ε assumes the server cannot regenerate the noise. With ``noise-secret`` set in every
+SuperNode's node config (:mod:`sim.training.node`) the noise seed is keyed by a secret the
+server never sees, so the assumption holds. Without it the noise is seeded from the run seed,
+which the server holds, so it does not; nor in ``python -m sim run`` simulations, where Flower
+sets the node config (docs/privacy.md).
 """
 
 from __future__ import annotations
