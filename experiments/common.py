@@ -443,6 +443,16 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def paired_by_seed(a: pd.Series, b: pd.Series) -> tuple[float, float, int]:
+    """``a - b`` (each indexed by seed) over the seeds both have: the mean of the per-seed
+    differences, their standard error ``std / sqrt(n)`` (ddof 1; NaN for one pair) and n
+    (NaN mean for none)."""
+    d = (a - b).dropna()
+    if d.empty:
+        return math.nan, math.nan, 0
+    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.nan, int(len(d))
+
+
 def paired_difference(runs: pd.DataFrame, a: tuple[str, int], b: tuple[str, int], col: str = "acc",
                       dataset: str | None = None) -> tuple[float, float, int]:
     """Mean and standard error of ``col`` of configuration ``a`` minus ``b`` (each ``(method,
@@ -454,10 +464,7 @@ def paired_difference(runs: pd.DataFrame, a: tuple[str, int], b: tuple[str, int]
         g = rows[(rows.method == m) & (rows.bits == bits)]
         return g.groupby("seed")[col].mean()
 
-    d = (by_seed(*a) - by_seed(*b)).dropna()
-    if d.empty:
-        return math.nan, math.nan, 0
-    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.nan, int(len(d))
+    return paired_by_seed(by_seed(*a), by_seed(*b))
 
 
 def with_paired_columns(summary: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:

@@ -115,6 +115,7 @@ def converged_lines(df: pd.DataFrame, converged: dict | None) -> list[str]:
     keys = [*VICTIM_COLS, "threat"]
     capped = df[(df.attacker == "strong") & (df.public_scale == 1)]
     both = conv.merge(capped, on=keys, suffixes=("", "_capped"))
+    both["plateau"] = _flags(both.stopped_early) == 1
     early = _flags(conv.stopped_early)
     out = ["", f"* **Is the capped strong attacker converged?** The same decoder trained under a longer rule "
            f"(at most {stop.get('max_steps')} steps, {stop.get('patience')} evaluations of patience, "
@@ -125,7 +126,7 @@ def converged_lines(df: pd.DataFrame, converged: dict | None) -> list[str]:
            "victim PSNR (dB) | victim SSIM |", "|---|---|---|---|---|---|---|"]
     for _, r in both.sort_values(["dataset", "method"]).iterrows():
         out.append(f"| {r.dataset} | {_method_label(r.method, r.bits)} | {r.decoder_steps_capped:,.0f} → "
-                   f"{r.decoder_steps:,.0f} | {'yes' if _flags(pd.Series([r.stopped_early])).iloc[0] == 1 else 'no'} | "
+                   f"{r.decoder_steps:,.0f} | {'yes' if r.plateau else 'no'} | "
                    f"{r.val_psnr_capped:.2f} → {r.val_psnr:.2f} | {r.psnr_capped:.2f} → {r.psnr:.2f} | "
                    f"{r.ssim_capped:.3f} → {r.ssim:.3f} |")
     for d in sorted(set(both.dataset)):

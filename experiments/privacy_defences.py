@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from experiments.common import paired_by_seed
 from experiments.privacy_report import _method_label, _save, plt, undefended
 
 CLAIM_DB, CLAIM_POINTS = 3.0, 2.0  # the claim: >= 3 dB harder to invert at <= 2 points of accuracy
@@ -44,12 +45,7 @@ def paired_gap(df: pd.DataFrame, a: dict[str, object], b: dict[str, object], col
     """``col`` of the rows matching ``a`` minus that of the rows matching ``b`` (column -> value),
     paired by ``seed`` (a seed's rows averaged; seeds on one side only dropped): the mean of the
     per-seed differences, their standard error ``std / sqrt(n)`` (ddof 1; NaN for n < 2) and n."""
-    diff = (_select(df, a).groupby("seed")[col].mean() - _select(df, b).groupby("seed")[col].mean()).dropna()
-    n = len(diff)
-    if n == 0:
-        return math.nan, math.nan, 0
-    se = float(diff.std(ddof=1) / math.sqrt(n)) if n >= 2 else math.nan
-    return float(diff.mean()), se, n
+    return paired_by_seed(_select(df, a).groupby("seed")[col].mean(), _select(df, b).groupby("seed")[col].mean())
 
 
 def _pm(mean: float, se: float, digits: int, sign: bool = False) -> str:

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from experiments.privacy_attacker_text import _reading
+from experiments.privacy_attacker_text import _pct, _reading
 from experiments.privacy_defences import (
     FP16,
     TWO_BIT,
     _attack_rows,
+    _select,
     defence_rows,
     epsilon_cell,
     fmt_epsilon,
@@ -28,14 +29,8 @@ HEADING = "## Summary for a privacy officer"
 RECOGNISABLE_SSIM = 0.5  # this summary's rule of thumb: at SSIM >= 0.5 a reconstruction still shows the image
 
 
-def _pct(x: float) -> str:
-    return "–" if math.isnan(x) else f"{100 * x:.1f} %"
-
-
 def _mean(df: pd.DataFrame, sel: dict[str, object], col: str) -> float:
-    g = df
-    for k, v in sel.items():
-        g = g[g[k] == v]
+    g = _select(df, sel)
     return float(g[col].mean()) if len(g) else math.nan
 
 
