@@ -58,9 +58,9 @@ TARGETS = {  # figure -> (comparison, target, what the headline value is)
 WHY_MISSED = {
     "P1": "Flower's engine costs a fixed ~125 ms poll per exchange (runtime_s_per_exchange) on top of the "
           "reference's compute, and the ClientApps run in Ray actors on the same 2 cores as the ServerApp.",
-    "P1d": "flwr 1.41 handles every message in a fresh flwr-clientapp process (start, load, imports and rebuild in "
-           "the breakdown table) and an idle SuperNode sleeps 3 s between pulls (waiting); a long-lived ClientApp "
-           "worker (issue 19) is what would remove both.",
+    "P1d": "flwr 1.41 handles every message in a fresh flwr-clientapp process (start and load in the breakdown "
+           "table; the site workers remove the imports and the rebuild) and an idle SuperNode sleeps 3 s between "
+           "pulls (waiting); both are Flower's, paid once per exchange.",
     "P2": "Flower 1.41 serialises a Message as inflatable objects (Message, RecordDict, ArrayRecord, Array, "
           "chunk headers): ~590 B for a message holding one raw array (3.6 % of 16 KB), ~2.4 KB for our train "
           "reply (codes, token ids, lengths, loss mask, meta; see the P2 table). No Flower message reaches 1.02 "
@@ -97,13 +97,15 @@ def plan(quick: bool) -> dict:
     """Sizes of every measurement; ``quick`` shrinks them to a CI smoke run."""
     tiny = {**SCRATCH, "hidden-size": 32, "image-size": 16, "patch-size": 4, "num-samples": 400, "vision-layers": 1,
             "llm-layers": 1, "warmup-steps": 2}
+    small = {**tiny, "num-server-rounds": 1, "local-steps": 16, "steps-per-exchange": 4, "checkpoint": False}
     if quick:
         return {
             "p1_default": {**tiny, "num-server-rounds": 1, "local-steps": 8, "steps-per-exchange": 4},
             "p1_default_clients": 2, "repeats": 1,
             "p1_curve": {"steps": [1, 4], "clients": [2], "config": {**tiny, "num-server-rounds": 1, "local-steps": 4}},
-            "p1d": {"supernodes": 2, "configs": [("tiny config", {**tiny, "num-server-rounds": 1, "local-steps": 4,
-                                                                   "steps-per-exchange": 2, "checkpoint": False})]},
+            "p1d": {"supernodes": 2, "configs": [
+                (label, {**tiny, "num-server-rounds": 1, "local-steps": 4, "steps-per-exchange": 2, "checkpoint": False},
+                 workers) for label, workers in (("tiny config", True), ("tiny config, no site workers", False))]},
             "p5": {"config": {**tiny, "num-server-rounds": 2, "local-steps": 4, "steps-per-exchange": 4},
                    "totals": [(10, 2)], "sampled_curve": []},
             "p6_shape": (8, 16, 32), "p4_steps": 10, "p2_samples": (1, 8, 32),
@@ -114,11 +116,14 @@ def plan(quick: bool) -> dict:
         "p1_default_clients": 4, "repeats": 3,
         "p1_curve": {"steps": [1, 2, 4, 8, 16], "clients": [1, 4, 16],
                      "config": {**SCRATCH, "num-server-rounds": 1, "local-steps": 16}},
-        # P1's config, and a small one whose exchanges are short next to a process start
+        # the default job (fine-tuning the shipped checkpoint; issue 19's target), and a small
+        # from-scratch one whose exchanges are short next to a process start, with a warm
+        # worker per site (LocalDeployment's default) and without (every message pays
+        # Flower's process start, the imports and the rebuild)
         "p1d": {"supernodes": 3, "configs": [
-            ("from-scratch config", {**SCRATCH, "num-server-rounds": 1, "checkpoint": False}),
-            ("small config", {**tiny, "num-server-rounds": 1, "local-steps": 16, "steps-per-exchange": 4,
-                              "checkpoint": False}),
+            ("default config", {"checkpoint": False}, True),
+            ("small config", small, True),
+            ("small config, no site workers", small, False),
         ]},
         "p5": {"config": {**SCRATCH, "num-server-rounds": 3, "local-steps": 20, "steps-per-exchange": 10,
                           "num-samples": 20000},
@@ -165,8 +170,8 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
                 rows += [{**x, "figure": "P1-curve"} for x in
                          bench_sim.p1_protocol_efficiency(cfg, clients, repeats, f"{clients} clients, spe {spe}")]
     if "P1d" in only:
-        for label, cfg in p["p1d"]["configs"]:
-            rows += bench_deploy.p1d_deployment_efficiency(cfg, p["p1d"]["supernodes"], repeats, label)
+        for label, cfg, workers in p["p1d"]["configs"]:
+            rows += bench_deploy.p1d_deployment_efficiency(cfg, p["p1d"]["supernodes"], repeats, label, workers)
     if "P5" in only:
         p5 = p["p5"]
         runs = [("P5", t, s) for t, s in p5["totals"]] + [("P5-curve", t, s) for t, s in p5["sampled_curve"]]
@@ -228,12 +233,15 @@ def _table(df: pd.DataFrame, columns: list[str]) -> str:
     return "\n".join(out)
 
 
-def write_report(df: pd.DataFrame, out: Path, info: dict, command: str, wall_s: float) -> None:
+def write_report(df: pd.DataFrame, out: Path, info: dict, command: str, wall_s: float,
+                 earlier: list[dict] = ()) -> None:
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "bench.csv", index=False)
     lines = [
         "# Benchmarks (P1–P6)", "",
         f"Command: `{command}` ({wall_s / 60:.1f} min). Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()) + ".",
+        *[f"The figures it did not rerun are from `{e['command']}` ({e['wall_s'] / 60:.1f} min, "
+          f"{e['machine'].get('date', '?')})." for e in reversed(earlier)],
         "Every row of `bench.csv` is one measurement. Each figure and each table row below is the median over "
         "its repeats (`repeats`; `value range` is the smallest and largest repeat).", "",
         "| figure | headline | value | target | status |", "|---|---|---|---|---|",
@@ -250,8 +258,8 @@ def write_report(df: pd.DataFrame, out: Path, info: dict, command: str, wall_s: 
         "P1-curve": ("P1 over steps-per-exchange × clients", ["setting", "clients", "steps_per_exchange", "value",
                      "sim_samples_per_s", "ref_samples_per_s", "runtime_s_per_exchange"]),
         "P1d": ("P1d deployment efficiency (TLS SuperLink, SuperNode authentication, SuperNodes on loopback)",
-                ["setting", "clients", "steps_per_exchange", "repeat", "value", "dep_samples_per_s", "ref_samples_per_s",
-                 "exchanges", "exchange_s"]),
+                ["setting", "clients", "site_workers", "steps_per_exchange", "repeat", "value", "dep_samples_per_s",
+                 "ref_samples_per_s", "exchanges", "exchange_s"]),
         "P2": ("P2 wire efficiency (real uplink train replies)", ["setting", "payload_bytes", "wire_bytes", "value"]),
         "P4": ("P4 entropy coding", ["setting", "repeat", "value", "coded_bytes", "bound_bytes", "fixed_bytes",
                "encode_us_per_sample", "decode_us_per_sample"]),
@@ -303,6 +311,19 @@ def breakdown_section(df: pd.DataFrame) -> list[str]:
             _table(pd.concat(parts, ignore_index=True), cols)]
 
 
+def merged_with_earlier(df: pd.DataFrame, meta: dict, out: Path) -> tuple[pd.DataFrame, dict]:
+    """An ``--only`` run's rows replace the same figures' rows of the earlier ``bench.csv``
+    in ``out`` and keep the others; ``bench.json`` then lists every command, its time and
+    machine, so each figure's provenance stays readable (``earlier``)."""
+    old = pd.read_csv(out / "bench.csv")
+    fresh = set(df["figure"]) | {f"{f}-curve" for f in df["figure"]}
+    kept = old[~old["figure"].isin(fresh)]
+    prev = json.loads((out / "bench.json").read_text())
+    earlier = [*prev.pop("earlier", []), prev]
+    meta = {**meta, "earlier": earlier}
+    return pd.concat([kept, df], ignore_index=True), meta
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small smoke version (CI); asserts nothing about speed")
@@ -331,13 +352,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.report_only:
         meta = json.loads((out / "bench.json").read_text())
-        write_report(pd.read_csv(out / "bench.csv"), out, meta["machine"], meta["command"], meta["wall_s"])
+        write_report(pd.read_csv(out / "bench.csv"), out, meta["machine"], meta["command"], meta["wall_s"],
+                     meta.get("earlier", []))
     else:
         t0 = time.perf_counter()
         df = run(args)
         cmd = "python -m experiments.bench" + (" --quick" if args.quick else "") + (f" --only {args.only}" if args.only else "")
         meta = {"command": cmd, "wall_s": time.perf_counter() - t0, "machine": machine_info()}
-        write_report(df, out, meta["machine"], meta["command"], meta["wall_s"])
+        if args.only and not args.quick and (out / "bench.csv").is_file() and (out / "bench.json").is_file():
+            df, meta = merged_with_earlier(df, meta, out)
+        write_report(df, out, meta["machine"], meta["command"], meta["wall_s"], meta.get("earlier", []))
         (out / "bench.json").write_text(json.dumps(meta, indent=2))
     print((out / "bench.md").read_text())
     return 0

@@ -25,6 +25,11 @@ from .bench_sim import BREAKDOWN, exchange_breakdown
 
 def run_deployment(dep, config: dict, out: Path, timeout: float = 3600) -> dict:
     """One ``flwr run`` on the running deployment ``dep``; its throughput and breakdown."""
+    from sim.config import SplitConfig
+
+    init_dir = SplitConfig.from_run_config(config).init_dir
+    if init_dir is not None:  # the apps run from the installed FAB, which holds no checkpoint (as `sim deploy`)
+        config = {**config, "init": str(init_dir)}
     outcome = dep.run({**config, "out-dir": str(out.parent), "run-name": out.name,
                        "expected-clients": dep.num_supernodes}, timeout_s=timeout)
     if not outcome.ok:
@@ -35,20 +40,23 @@ def run_deployment(dep, config: dict, out: Path, timeout: float = 3600) -> dict:
             "runtime_s": float(metrics["runtime_s"].sum()), **exchange_breakdown(out)}
 
 
-def p1d_deployment_efficiency(config: dict, supernodes: int, repeats: int, label: str) -> list[dict]:
-    """Deployment ÷ reference throughput for one config, ``repeats`` times each, interleaved."""
+def p1d_deployment_efficiency(config: dict, supernodes: int, repeats: int, label: str,
+                              site_workers: bool = True) -> list[dict]:
+    """Deployment ÷ reference throughput for one config, ``repeats`` times each, interleaved;
+    with a warm worker beside each SuperNode (:mod:`sim.training.site_worker`) or without."""
     from sim.run.deploy import LocalDeployment
 
     rows = []
     with (tempfile.TemporaryDirectory(prefix="bench-p1d-") as tmp,
-          LocalDeployment(Path(tmp) / "deployment", supernodes, tls=True, authenticate=True) as dep):
+          LocalDeployment(Path(tmp) / "deployment", supernodes, tls=True, authenticate=True,
+                          site_workers=site_workers) as dep):
         for r in range(repeats):
             d = run_deployment(dep, config, Path(tmp) / f"run-{r}")
             ref = bench_sim.run_reference(config, supernodes)
             rows.append({
                 "figure": "P1d", "setting": label, "repeat": r, "value": d["samples_per_s"] / ref["samples_per_s"],
                 "unit": "deployment/reference", "dep_samples_per_s": d["samples_per_s"],
-                "ref_samples_per_s": ref["samples_per_s"], "clients": supernodes,
+                "ref_samples_per_s": ref["samples_per_s"], "clients": supernodes, "site_workers": site_workers,
                 "steps_per_exchange": config.get("steps-per-exchange"),
                 "runtime_s_per_exchange": d["runtime_s"] / d["exchanges"],
                 **{k: d[k] for k in ("exchanges", "exchange_s", *BREAKDOWN, "t_server")},

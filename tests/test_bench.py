@@ -60,7 +60,7 @@ def test_quick_benchmark_runs_everything(tmp_path):
 @pytest.mark.slow
 def test_quick_deployment_figure_and_its_breakdown(tmp_path):
     """``--quick --only P1d``: one run of the tiny config on a TLS deployment with 2
-    SuperNodes, beside the in-process reference (~3 min on the 2-core box at a load of 4-5;
+    SuperNodes, with and without site workers, each beside the in-process reference (~3 min on the 2-core box at a load of 4-5;
     run with ``-m slow``). The breakdown's components are the last reply's of each exchange,
     so they add up to its wait; none may be negative beyond clock granularity (/proc start
     times count in 10 ms ticks), i.e. a client never reports more than the server waited."""
@@ -68,13 +68,17 @@ def test_quick_deployment_figure_and_its_breakdown(tmp_path):
 
     assert bench.main(["--quick", "--only", "P1d", "--out", str(tmp_path)]) == 0
     df = pd.read_csv(tmp_path / "bench.csv")
-    row = df[df["figure"] == "P1d"].iloc[0]
-    assert row["value"] > 0 and row["clients"] == 2 and row["exchanges"] == 3  # 4 steps, 2 per exchange
-    parts = {c: row[c] for c in (*BREAKDOWN, "t_server")}
-    assert all(v >= -0.05 for v in parts.values()), parts
-    assert sum(row[c] for c in BREAKDOWN) <= row["exchange_s"] + 0.05
-    # every deployment message starts a process that imports torch and rebuilds the client
-    assert row["t_start"] > 0 and row["t_import_torch"] > 0 and row["t_rebuild"] > 0 and row["t_compute"] > 0
+    rows = df[df["figure"] == "P1d"].set_index("site_workers")
+    assert len(rows) == 2
+    for workers, row in rows.iterrows():
+        assert row["value"] > 0 and row["clients"] == 2 and row["exchanges"] == 3  # 4 steps, 2 per exchange
+        parts = {c: row[c] for c in (*BREAKDOWN, "t_server")}
+        assert all(v >= -0.05 for v in parts.values()), parts
+        assert sum(row[c] for c in BREAKDOWN) <= row["exchange_s"] + 0.05
+        assert row["t_start"] > 0 and row["t_compute"] > 0  # Flower starts a process for every message
+    # without a site worker that process imports torch and rebuilds the client; with one it does neither
+    assert rows.loc[False, "t_import_torch"] > 0 and rows.loc[False, "t_rebuild"] > 0
+    assert rows.loc[True, "t_import_torch"] == 0 and rows.loc[True, "t_import_transformers"] == 0
     md = (tmp_path / "bench.md").read_text()
     assert "| P1d |" in md and "## Where an exchange's time goes" in md and "| deployment | tiny config |" in md
 
@@ -216,3 +220,22 @@ def test_codec_timer_counts_outermost_calls_and_restores_the_classes():
         enc = client(torch.randn(2, 3, 16))
         server.unpack(client.pack(enc), (2, 3, 16))  # unpack calls decode: one outermost call
     assert timer.calls == 3 and timer.seconds > 0 and type(client).forward is forward
+
+
+def test_an_only_run_replaces_its_figures_and_keeps_the_others(tmp_path):
+    import json
+
+    old = pd.DataFrame([{"figure": "P1", "setting": "a", "repeat": 0, "value": 0.9},
+                        {"figure": "P1-curve", "setting": "b", "repeat": 0, "value": 0.8},
+                        {"figure": "P1d", "setting": "old", "repeat": 0, "value": 0.1}])
+    old.to_csv(tmp_path / "bench.csv", index=False)
+    (tmp_path / "bench.json").write_text(json.dumps({"command": "python -m experiments.bench", "wall_s": 60.0,
+                                                     "machine": {"date": "then"}}))
+    new = pd.DataFrame([{"figure": "P1d", "setting": "default config", "repeat": 0, "value": 0.6}])
+    df, meta = bench.merged_with_earlier(new, {"command": "python -m experiments.bench --only P1d", "wall_s": 6.0,
+                                               "machine": {"date": "now"}}, tmp_path)
+    assert sorted(df["setting"]) == ["a", "b", "default config"]
+    assert [e["command"] for e in meta["earlier"]] == ["python -m experiments.bench"]
+    bench.write_report(df, tmp_path, meta["machine"], meta["command"], meta["wall_s"], meta["earlier"])
+    md = (tmp_path / "bench.md").read_text()
+    assert "are from `python -m experiments.bench` (1.0 min, then)" in md

@@ -5,8 +5,10 @@ runtime dependency installation disabled (``sim/deploy.py``).
 The smoke test (default suite) checks that plain HTTP and an unregistered SuperNode are
 refused, and that a one-round run finishes with the same losses, accuracy and bytes
 as ``python -m sim run`` on the Ray simulation for the same config. The slow tests kill
-one SuperNode's whole process group mid-round, and kill the ServerApp after round 1 and
-resume the run with ``flwr run --run-config 'resume=true ...'``.
+one SuperNode's whole process group mid-round, kill a site's warm worker mid-run (its
+ClientApps take over), and kill the ServerApp after round 1 and resume the run with
+``flwr run --run-config 'resume=true ...'``. Every LocalDeployment here runs with site
+workers (its default), so the smoke test's equality is the worker's.
 """
 
 import json
@@ -81,6 +83,50 @@ def test_deployment_with_tls_matches_the_simulation(tmp_path):
     print(f"deployment run (start-up included): {deploy_s:.1f} s")
 
 
+def wait_for_reply(runner, outcome: dict, ledger: Path, partition: int, what: str) -> None:
+    """Until ``partition`` has answered exchange 0 of round 1 (the run must still be going)."""
+    deadline = time.monotonic() + 600
+    while True:
+        if not runner.is_alive():
+            run = outcome.get("run")
+            pytest.fail(f"the run ended before {what}: {run.status if run else '?'}\n{run.output[-3000:] if run else ''}")
+        assert time.monotonic() < deadline, f"partition {partition} never answered exchange 0"
+        if ledger.is_file():
+            led = pd.read_csv(ledger)
+            if ((led["kind"] == "train.split_step") & (led["partition"] == partition) & (led["direction"] == "up")).any():
+                return
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_killed_site_worker_changes_nothing_but_speed(tmp_path):
+    """A site's warm worker (sim/training/site_worker.py) killed mid-run: that SuperNode's
+    ClientApps handle its messages themselves from then on; no client is dropped and the
+    losses equal the simulation's."""
+    cfg = {**SMALL, "num-server-rounds": 2, "local-steps": 4}
+    with LocalDeployment(tmp_path / "deployment", 2, tls=False, authenticate=False) as dep:
+        outcome = {}
+        run_cfg = cfg | {"out-dir": str(tmp_path), "run-name": "dep", "expected-clients": 2}
+        runner = threading.Thread(target=lambda: outcome.setdefault("run", dep.run(run_cfg)))
+        runner.start()
+        wait_for_reply(runner, outcome, tmp_path / "dep" / "ledger.csv", 0, "the kill")
+        dep.kill_worker(0)
+        runner.join(900)
+        clientapp_log = (dep.logs / "supernode-0.log").read_text()
+    assert outcome["run"].ok, outcome["run"].output[-3000:]
+    assert "site worker not used" in clientapp_log  # node 0 fell back
+    simulate(tmp_path / "sim", 2, cfg)
+    steps_d, steps_s = pd.read_csv(tmp_path / "dep" / "steps.csv"), pd.read_csv(tmp_path / "sim" / "steps.csv")
+    assert len(steps_d) == 2 * cfg["local-steps"]
+    assert (steps_d["loss"] - steps_s["loss"]).abs().max() <= 1e-5
+    metrics = pd.read_csv(tmp_path / "dep" / "metrics.csv")
+    assert metrics["dropped"].isna().all() and metrics["clients"].tolist() == [2, 2]
+    timing = pd.read_csv(tmp_path / "dep" / "timing.csv")
+    train = timing[timing["kind"] == "train.split_step"]
+    assert (train[train["partition"] == 1]["import_torch_s"] == 0).all()  # node 1 kept its worker
+    assert (train[(train["partition"] == 0) & (train["round"] == 2)]["import_torch_s"] > 0).all()
+
+
 @pytest.mark.slow
 def test_killed_supernode_is_dropped_and_the_round_completes(tmp_path):
     # every deployment message starts a fresh ClientApp process (imports included): the
@@ -91,18 +137,7 @@ def test_killed_supernode_is_dropped_and_the_round_completes(tmp_path):
         outcome = {}
         runner = threading.Thread(target=lambda: outcome.setdefault("run", dep.run(cfg)))
         runner.start()
-        ledger = tmp_path / "kill" / "ledger.csv"
-        deadline = time.monotonic() + 600
-        while True:  # wait until partition 2 has answered exchange 0 of round 1, then kill it
-            if not runner.is_alive():
-                run = outcome.get("run")
-                pytest.fail(f"the run ended before the kill: {run.status if run else '?'}\n{run.output[-3000:] if run else ''}")
-            assert time.monotonic() < deadline, "partition 2 never answered exchange 0"
-            if ledger.is_file():
-                led = pd.read_csv(ledger)
-                if ((led["kind"] == "train.split_step") & (led["partition"] == 2) & (led["direction"] == "up")).any():
-                    break
-            time.sleep(0.2)
+        wait_for_reply(runner, outcome, tmp_path / "kill" / "ledger.csv", 2, "the kill")
         dep.kill_supernode(2)
         runner.join(900)
     assert outcome["run"].ok, outcome["run"].output[-3000:]

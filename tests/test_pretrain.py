@@ -213,7 +213,7 @@ def test_frozen_client_half_gets_no_gradients_after_alignment(quick_ckpt, tmp_pa
     from sim.training.server import initial_client_weights
 
     cfg = finetune_cfg(quick_ckpt, tmp_path, stage="both", num_server_rounds=3, align_rounds=1, local_steps=3,
-                       steps_per_exchange=2, client_finetune="frozen")
+                       steps_per_exchange=2, frozen_steps_per_exchange=2, client_finetune="frozen")
     after_round: dict[int, dict[str, torch.Tensor]] = {}
     engine = None
 
@@ -243,6 +243,23 @@ def test_frozen_client_half_gets_no_gradients_after_alignment(quick_ckpt, tmp_pa
     total = {"frozen": engine.ledger.totals(), "train": trained.ledger.totals()}
     assert total["frozen"]["downlink_payload_bytes"] < total["train"]["downlink_payload_bytes"]
     assert total["frozen"]["uplink_payload_bytes"] < total["train"]["uplink_payload_bytes"]  # no weights back
+
+
+def test_frozen_rounds_grouping_changes_messages_not_results(quick_ckpt, tmp_path):
+    """frozen-steps-per-exchange regroups a frozen round's micro-batches into fewer, larger
+    exchanges (0: one per round) and changes nothing else: the same step losses, bit for
+    bit, and the same accuracy; the align round keeps steps-per-exchange."""
+    cfg = finetune_cfg(quick_ckpt, tmp_path, stage="both", num_server_rounds=2, align_rounds=1, local_steps=4,
+                       steps_per_exchange=2, client_finetune="frozen", feature_noise=0.0)
+    runs = {k: run_reference(cfg.replace(frozen_steps_per_exchange=k), 2) for k in (1, 0)}
+    assert runs[1].step_losses == runs[0].step_losses and len(runs[0].step_losses) == 2 * 4
+    assert runs[1].accuracy == runs[0].accuracy
+    exchanges = {k: sorted({r.exchange for r in res.ledger.rows if r.kind == "train.split_step" and r.round == 2})
+                 for k, res in runs.items()}
+    assert exchanges == {1: [0, 1, 2, 3], 0: [0]}
+    align = {k: sorted({r.exchange for r in res.ledger.rows if r.kind == "train.split_step" and r.round == 1})
+             for k, res in runs.items()}
+    assert align == {1: [0, 1, 2], 0: [0, 1, 2]}
 
 
 def test_frozen_client_trains_in_every_align_round():

@@ -119,6 +119,10 @@ CORE: tuple[Setting, ...] = (
     S("local-steps", DEFAULT_BUDGET["local-steps"], "micro-batches per client per round", lo=1, hi=1_000_000),
     S("steps-per-exchange", DEFAULT_BUDGET["steps-per-exchange"], "micro-batches per message exchange (see staleness "
       "in docs/protocol.md)", lo=1, hi=4096),
+    S("frozen-steps-per-exchange", 0, "micro-batches per exchange in a round whose client half is frozen "
+      "(`client-finetune=frozen`): no gradients go down, so the grouping changes no feature and no result, only "
+      "the number of messages (and their size); 0 = the round's `local-steps` in one exchange (docs/protocol.md)",
+      lo=0, hi=1_000_000),
     S("batch-size", 8, "micro-batch size per client", lo=1, hi=65_536),
     S("lr", 5e-4, "AdamW peak learning rate on both sides (1e-3 made RD-FSQ at 2 bits unstable, docs/results-spine.md)",
       lo=0.0, hi=10.0, lo_open=True),

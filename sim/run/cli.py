@@ -5,6 +5,7 @@
     python -m sim run --resume DIR                                  continue an interrupted one
     python -m sim deploy [--supernodes N] --out DIR [-c KEY=VALUE ...] [--insecure]
     python -m sim deploy --resume DIR [--insecure]                  continue an interrupted deployment run
+    python -m sim worker --socket PATH                              a site's warm worker for its SuperNode
     python -m sim pretrain --out DIR [--quick] [--set KEY=VALUE ...] centralised pretraining -> a checkpoint for init=DIR
     python -m sim codecs                                            the registered codecs
     python -m sim docs [--write | --check]                          the generated config tables
@@ -205,6 +206,16 @@ def main(argv: list[str] | None = None) -> int:
                                                        "(the SuperNodes' optimiser state from their state-dir)")
     d.add_argument("-c", "--config", action="append", metavar="KEY=VALUE", help="override a config key")
     d.add_argument("--insecure", action="store_true", help="no TLS and no SuperNode authentication")
+    d.add_argument("--no-site-workers", action="store_true",
+                   help="no warm worker beside each SuperNode: every message pays Flower's process start, imports and "
+                        "model rebuild (docs/deployment.md)")
+    w = sub.add_parser("worker", help="a site's warm worker: handles its SuperNode's messages in one long-lived "
+                                      "process over a Unix socket (SuperNode --node-config worker-socket=PATH)")
+    w.add_argument("--socket", required=True, help="the Unix socket path (its directory: yours, not writable by others)")
+    w.add_argument("--idle-timeout-s", type=float, default=3600.0, help="stop after this long without a message")
+    w.add_argument("--watch-pid", type=int, default=0, help="stop when this process (e.g. the SuperNode) exits")
+    w.add_argument("--ready-file", type=Path, help="touched once the worker listens")
+    w.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, as a ClientApp process)")
     t = sub.add_parser("pretrain", help="centralised pretraining of the tiny VLM on the public corpus -> a checkpoint "
                                         "directory for init=DIR (docs/foundation.md)")
     t.add_argument("--out", required=True, help="checkpoint directory to write (must not hold a checkpoint yet)")
@@ -217,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--write", action="store_true", help="rewrite the generated parts of those files")
     g.add_argument("--check", action="store_true", help="exit 1 if any of them is out of date")
     args = parser.parse_args(argv)
-    commands = {"run": run, "deploy": deploy, "pretrain": pretrain, "codecs": codecs, "docs": docs}
+    commands = {"run": run, "deploy": deploy, "worker": worker, "pretrain": pretrain, "codecs": codecs, "docs": docs}
     try:
         return commands[args.command](args)
     except (ConfigError, DataError) as err:
@@ -272,6 +283,15 @@ def docs(args: argparse.Namespace) -> int:
     return 1 if stale else 0
 
 
+def worker(args: argparse.Namespace) -> int:
+    """``python -m sim worker``: :func:`sim.training.site_worker.serve`."""
+
+    from sim.training.site_worker import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    return serve(args.socket, args.idle_timeout_s, args.watch_pid, args.ready_file, args.threads)
+
+
 def deploy(args: argparse.Namespace) -> int:
     """``python -m sim deploy``: :class:`sim.run.deploy.LocalDeployment` and one ``flwr run``."""
     from .deploy import LocalDeployment
@@ -290,7 +310,8 @@ def deploy(args: argparse.Namespace) -> int:
     if (out / "summary.json").exists():
         raise ConfigError(f"{out} already holds a finished run; pick another --out")
     work = out.parent / f"{out.name}-deployment"
-    with LocalDeployment(work, cfg.expected_clients, tls=not args.insecure, authenticate=not args.insecure) as dep:
+    with LocalDeployment(work, cfg.expected_clients, tls=not args.insecure, authenticate=not args.insecure,
+                         site_workers=not args.no_site_workers) as dep:
         outcome = dep.run(cfg.to_run_config())
     print(outcome.output[-4000:])
     if not outcome.ok:

@@ -24,10 +24,12 @@ import datetime as dt
 import ipaddress
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,6 +129,12 @@ class RunOutcome:
 class LocalDeployment:
     """SuperLink + ``num_supernodes`` SuperNodes on loopback, under ``workdir``.
 
+    ``site_workers`` (default on) starts a warm worker beside each SuperNode
+    (``python -m sim worker``, :mod:`sim.training.site_worker`) on a Unix socket in a
+    private temporary directory, and gives the SuperNode its ``worker-socket``; each
+    worker stops with this object, or when the process that made it exits. The workers
+    share this machine's cores: ``worker_threads`` torch threads each (default: cores ÷
+    SuperNodes, at least 1; a site alone on its machine would use all of them).
     ``node_configs[i]`` adds ``--node-config`` pairs for SuperNode ``i`` (its
     ``partition-id`` and ``num-partitions`` are always set), e.g. ``{"noise-secret": s}``
     (:mod:`sim.training.node`; ``python -m sim deploy`` sets none). They go on its command
@@ -141,6 +149,8 @@ class LocalDeployment:
     tls: bool = True
     authenticate: bool = True
     node_configs: list[dict[str, object]] = field(default_factory=list)
+    site_workers: bool = True
+    worker_threads: int | None = None  # torch threads per worker; None: this machine's cores shared by the sites
     startup_timeout_s: float = 120.0
     procs: dict[str, subprocess.Popen] = field(default_factory=dict, init=False)
 
@@ -183,6 +193,8 @@ class LocalDeployment:
         if self.authenticate:
             cmd.append("--enable-supernode-auth")
         self._spawn("superlink", cmd)
+        if self.site_workers:
+            self._start_workers()
         self._wait_for_superlink()
         for i in range(self.num_supernodes):
             self.start_supernode(i)
@@ -192,6 +204,8 @@ class LocalDeployment:
         """Start SuperNode ``i`` with its own key pair; ``register=False`` leaves the key
         unknown to the SuperLink (an intruder, which authentication must keep out)."""
         node_cfg: dict[str, object] = {"partition-id": i, "num-partitions": self.num_supernodes}
+        if self.site_workers and i < self.num_supernodes:
+            node_cfg["worker-socket"] = str(self._worker_socket(i))
         if i < len(self.node_configs):
             node_cfg.update(self.node_configs[i])
         cmd = ["flower-supernode", "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),
@@ -206,6 +220,31 @@ class LocalDeployment:
                 self.flwr("supernode", "register", str(pub), CONNECTION, check=True)
             cmd += ["--auth-supernode-private-key", str(priv)]
         self._spawn(f"supernode-{i}", cmd)
+
+    def _worker_socket(self, i: int) -> Path:
+        return self.worker_dir / f"site-{i}.sock"
+
+    def _start_workers(self) -> None:
+        """One warm worker per SuperNode, all started at once; returns when all listen."""
+        self.worker_dir = Path(tempfile.mkdtemp(prefix="svw-"))  # 0700; short: a socket path has ~100 bytes
+        ready = [self.worker_dir / f"site-{i}.ready" for i in range(self.num_supernodes)]
+        threads = self.worker_threads or max(1, (os.cpu_count() or 1) // self.num_supernodes)
+        for i in range(self.num_supernodes):
+            self._spawn(f"worker-{i}", [sys.executable, "-m", "sim", "worker", "--socket", str(self._worker_socket(i)),
+                                        "--watch-pid", str(os.getpid()), "--ready-file", str(ready[i]),
+                                        "--threads", str(threads)], cwd=self.app_dir)
+        deadline = time.monotonic() + self.startup_timeout_s
+        while not all(r.exists() for r in ready):
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"site workers not ready after {self.startup_timeout_s} s; logs in {self.logs}")
+            time.sleep(0.2)
+
+    def kill_worker(self, i: int) -> None:
+        """SIGKILL site worker ``i`` (its SuperNode's ClientApps then handle messages themselves)."""
+        proc = self.procs.pop(f"worker-{i}")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
     def kill_supernode(self, i: int) -> None:
         """SIGKILL SuperNode ``i`` and every process it started (its ClientApps)."""
@@ -233,7 +272,7 @@ class LocalDeployment:
         return len(apps)
 
     def close(self) -> None:
-        for name in sorted(self.procs, key=lambda n: n == "superlink"):  # SuperNodes first
+        for name in sorted(self.procs, key=lambda n: n == "superlink"):  # SuperNodes (and workers) first
             proc = self.procs[name]
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -244,6 +283,9 @@ class LocalDeployment:
                     proc.wait()
             _kill_group_leftovers(proc.pid)
         self.procs.clear()
+        if getattr(self, "worker_dir", None) is not None:
+            shutil.rmtree(self.worker_dir, ignore_errors=True)
+            self.worker_dir = None
 
     # ------------------------------------------------------------------ runs
     def run(self, run_config: dict[str, object], timeout_s: float = 900) -> RunOutcome:
@@ -297,10 +339,10 @@ class LocalDeployment:
             time.sleep(0.5)
 
     # ------------------------------------------------------------------ helpers
-    def _spawn(self, name: str, cmd: list[str]) -> None:
+    def _spawn(self, name: str, cmd: list[str], cwd: Path | None = None) -> None:
         log = (self.logs / f"{name}.log").open("ab")
         self.procs[name] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                            cwd=self.workdir, start_new_session=True)
+                                            cwd=cwd or self.workdir, start_new_session=True)
 
     def _check_alive(self) -> None:
         for name, proc in self.procs.items():

@@ -30,7 +30,9 @@ class NodeIdentity:
     noise_secret: str = field(default="", repr=False)
 
 
-NODE_KEYS = ("partition-id", "num-partitions", "data-path", "state-dir", "noise-secret")
+NODE_KEYS = ("partition-id", "num-partitions", "data-path", "state-dir", "noise-secret", "worker-socket")
+"""``worker-socket`` names the site's warm worker (:mod:`sim.training.site_worker`); it
+does not change who the client is, so :class:`NodeIdentity` does not keep it."""
 
 
 def node_identity(node_config: dict) -> NodeIdentity:

@@ -86,10 +86,15 @@ def exchange_schedule(cfg: SplitConfig, rnd: int = 1) -> list[tuple[list[int], l
     applies chunk ``e-1`` and encodes chunk ``e``; the last one only applies (and brings
     the updated weights back). In a round where the client half is frozen
     (``client-finetune=frozen``) nothing is applied and nothing comes back: one exchange
-    per chunk, each only encodes."""
+    per chunk of ``frozen-steps-per-exchange`` (0: the whole round), each only encodes.
+    The client's features depend only on the step index there, so any grouping gives the
+    same results; fewer exchanges save a message round trip each, which is what a
+    deployment pays most for (docs/performance.md)."""
     steps = list(range(cfg.local_steps))
-    chunks = [steps[i : i + cfg.steps_per_exchange] for i in range(0, len(steps), cfg.steps_per_exchange)]
-    if not cfg.client_trains_at(rnd):
+    trains = cfg.client_trains_at(rnd)
+    size = cfg.steps_per_exchange if trains else (cfg.frozen_steps_per_exchange or cfg.local_steps)
+    chunks = [steps[i : i + size] for i in range(0, len(steps), size)]
+    if not trains:
         return [([], chunk) for chunk in chunks]
     return [([] if e == 0 else chunks[e - 1], chunks[e] if e < len(chunks) else []) for e in range(len(chunks) + 1)]
 

@@ -41,10 +41,7 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import sys
-import threading
-import time
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
@@ -52,7 +49,8 @@ from flwr.app import Message
 
 from sim.wire.messages import CLIENT_TIMING, TIMING_KEY
 
-CLIENTAPP_COMMAND = "flwr-clientapp"  # the process flwr 1.41 starts for every message (SubprocessExecutor)
+from .startup import CLIENTAPP_COMMAND, process_start
+
 STARTUP_PARTS = len(CLIENT_TIMING) - 2  # all but rebuild and compute
 
 
@@ -69,34 +67,19 @@ _STARTUP = _Startup()  # one per process: a process starts up once, whichever cl
 
 
 def mark_clientapp_import(first_line: float, after_torch: float, after_transformers: float, done: float) -> None:
-    """Called by ``clients/client_app.py`` with ``time.time()`` at its first line and after
-    each group of its imports."""
+    """With ``time.time()`` at the ClientApp module's first line and after each group of
+    its imports (torch, transformers, the project), done one after the other."""
+    mark_startup(first_line, (after_torch - first_line, after_transformers - after_torch, done - after_transformers))
+
+
+def mark_startup(first_line: float, imports: tuple[float, float, float]) -> None:
+    """This process's start-up, charged to the next reply: ``(start, load)`` up to
+    ``first_line`` (the ClientApp module's first line, ``time.time()``) and the seconds of
+    its ``imports`` of torch, transformers and the project (``clients/client_app.py``
+    imports them on its first local message, :mod:`sim.training.site_worker` never)."""
     start, load = process_start(first_line) if Path(sys.argv[0]).name == CLIENTAPP_COMMAND else (0.0, 0.0)
-    imports = (after_torch - first_line, after_transformers - after_torch, done - after_transformers)
     _STARTUP.parts = tuple(max(0.0, x) for x in (start, load, *imports))
     _STARTUP.charged = False
-
-
-def process_start(first_line: float) -> tuple[float, float]:
-    """``(start, load)`` of this process up to ``first_line`` (epoch seconds); all of it is
-    ``start`` when Flower's thread is not found, and both are 0 without ``/proc``."""
-    try:
-        tick = os.sysconf("SC_CLK_TCK")
-        boot = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)  # /proc start times count from boot
-        created = boot + _start_ticks("/proc/self/stat") / tick
-        main = threading.main_thread().native_id
-        threads = [t.native_id for t in threading.enumerate() if t.native_id not in (None, main)]
-        started = [boot + _start_ticks(f"/proc/self/task/{tid}/stat") / tick for tid in threads]
-    except (OSError, AttributeError, ValueError):
-        return 0.0, 0.0
-    flwr_up = min((s for s in started if created <= s <= first_line), default=first_line)
-    return flwr_up - created, first_line - flwr_up
-
-
-def _start_ticks(stat_path: str) -> int:
-    """Field 22 of ``/proc/<pid>[/task/<tid>]/stat``: the start time in clock ticks since boot."""
-    text = Path(stat_path).read_text()
-    return int(text[text.rindex(")") + 2:].split()[19])
 
 
 def client_timing(rebuild_s: float, compute_s: float) -> list[float]:
