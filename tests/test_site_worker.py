@@ -197,4 +197,4 @@ def test_digest_covers_the_handlers_code(tmp_path):
     before = site_worker.code_digest(tmp_path)
     (tmp_path / "sim" / "a.py").write_text("x = 2\n")
     assert site_worker.code_digest(tmp_path) != before
-    assert site_worker.TIMING_KEY == TIMING_KEY
+    assert site_worker.TIMING_KEY == TIMING_KEY and site_worker.TIMING_PARTS == len(CLIENT_TIMING)

@@ -52,10 +52,13 @@ from flwr.app import RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
+from .startup import CLIENTAPP_COMMAND, process_start
+
 log = logging.getLogger(__name__)
 
 SOCKET_KEY = "worker-socket"  # the node-config key naming the worker's socket
 TIMING_KEY = "timing-s"  # sim.wire.messages.TIMING_KEY (not imported: it pulls in torch)
+TIMING_PARTS = 7  # len(sim.wire.messages.CLIENT_TIMING): start, load, 3 imports, rebuild, compute
 MAGIC = b"SVW1"
 MAX_HEADER = 1 << 16
 MAX_BLOB = 1 << 34  # 16 GiB: a bound on what a peer can make us allocate, far above any message
@@ -175,13 +178,11 @@ def forward(path: str, message_type: str, content: RecordDict, state: RecordDict
     transformers import, ``imports_s`` as the project's import, the worker's ``rebuild``,
     and as ``compute`` the rest of the call (the worker's compute, serialisation and the
     socket; :mod:`sim.training.timing`)."""
-    from .startup import CLIENTAPP_COMMAND, process_start
-
     reply, new_state, call_s = call(path, message_type, content, state, node_config, digest)
     replace_state(state, new_state)
     meta = reply.config_records.get("meta")
     timing = meta.get(TIMING_KEY) if meta is not None else None
-    if isinstance(timing, list) and len(timing) == 7:
+    if isinstance(timing, list) and len(timing) == TIMING_PARTS:
         start, load = process_start(first_line) if Path(sys.argv[0]).name == CLIENTAPP_COMMAND else (0.0, 0.0)
         rebuild = float(timing[5])
         meta[TIMING_KEY] = [max(0.0, float(x)) for x in (start, load, 0.0, 0.0, imports_s, rebuild, call_s - rebuild)]
@@ -255,8 +256,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # exists, another user's
+        pass
     return True
 
 
