@@ -11,7 +11,8 @@ P1d   deployment (TLS, 3 SuperNodes on loopback) ÷ reference       ≥ 0.5
 P2    Flower-serialised bytes ÷ information payload               ≤ 1.02 (≥ 16 KB)
 P4    entropy-coded bytes ÷ empirical entropy bound (2-bit RD-FSQ) ≤ 1.05
 P5    10 / 100 / 1000 SuperNodes, a fixed number sampled per round peak RSS < 4 GB
-      + the curve over sampled clients per round
+      + the curve over sampled clients per round, and one run at
+      10 000 (``--only P5-10k`` runs that one alone)
 P6    encode+pack and unpack+decode MB/s ÷ ``FSQ`` forward MB/s    ≥ 5
 ====  ==========================================================  ===========
 
@@ -51,6 +52,9 @@ TARGETS = {  # figure -> (comparison, target, what the headline value is)
     "P5": ("<", 4.0, "peak RSS (GB, whole process tree) of the run with the most SuperNodes"),
     "P6": (">=", 5.0, "slowest codec direction, MB/s relative to vector_quantize_pytorch.FSQ forward"),
 }
+
+
+SETTING_PARTS = {"P5-10k"}  # --only parts that measure one setting of a figure (P5's 10 000-node run)
 
 
 # Why a figure misses its target on this machine, as far as we have measured it (bench.md
@@ -107,7 +111,7 @@ def plan(quick: bool) -> dict:
                 (label, {**tiny, "num-server-rounds": 1, "local-steps": 4, "steps-per-exchange": 2, "checkpoint": False},
                  workers) for label, workers in (("tiny config", True), ("tiny config, no site workers", False))]},
             "p5": {"config": {**tiny, "num-server-rounds": 2, "local-steps": 4, "steps-per-exchange": 4},
-                   "totals": [(10, 2)], "sampled_curve": []},
+                   "totals": [(10, 2)], "sampled_curve": [], "large": [], "large_timeout_s": 600},
             "p6_shape": (8, 16, 32), "p4_steps": 10, "p2_samples": (1, 8, 32),
             "profile_rate": 10,  # py-spy --subprocesses at 100 Hz made the 40 s quick run take 135 s here
         }
@@ -127,7 +131,9 @@ def plan(quick: bool) -> dict:
         ]},
         "p5": {"config": {**SCRATCH, "num-server-rounds": 3, "local-steps": 20, "steps-per-exchange": 10,
                           "num-samples": 20000},
-               "totals": [(10, 4), (100, 4), (1000, 4)], "sampled_curve": [(1000, 2), (1000, 8), (1000, 32)]},
+               "totals": [(10, 4), (100, 4), (1000, 4)], "sampled_curve": [(1000, 2), (1000, 8), (1000, 32)],
+               # once, not repeated: its discovery alone takes minutes (docs/performance.md)
+               "large": [(10_000, 4)], "large_timeout_s": 2400},
         "p6_shape": (64, 64, 128), "p4_steps": 200, "p2_samples": (1, 8, 16, 32, 160),
         "profile_rate": 100,
     }
@@ -172,13 +178,17 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
     if "P1d" in only:
         for label, cfg, workers in p["p1d"]["configs"]:
             rows += bench_deploy.p1d_deployment_efficiency(cfg, p["p1d"]["supernodes"], repeats, label, workers)
+    p5 = p["p5"]
     if "P5" in only:
-        p5 = p["p5"]
         runs = [("P5", t, s) for t, s in p5["totals"]] + [("P5-curve", t, s) for t, s in p5["sampled_curve"]]
         for r in range(repeats):  # repeats interleaved, so a slow spell of the machine hits every setting alike
             for fig, total, sampled in runs:
                 row = bench_sim.p5_scale(p5["config"], total, sampled, f"{total} SuperNodes, {sampled} sampled")
                 rows.append({**row, "figure": fig, "repeat": r})
+    if "P5" in only or "P5-10k" in only:
+        for total, sampled in p5["large"]:
+            rows.append({**bench_sim.p5_scale(p5["config"], total, sampled, f"{total} SuperNodes, {sampled} sampled",
+                                              timeout=p5["large_timeout_s"]), "repeat": 0})
     if "profile" in only:
         rows += profile_exchange(p["p1_default"], p["p1_default_clients"], top=12, rate=p["profile_rate"])
     return pd.DataFrame(rows)
@@ -203,6 +213,15 @@ def headline(df: pd.DataFrame, fig: str) -> float | None:
         per = sub[sub["unit"] == "× FSQ"].groupby("setting")["value"].median()
         return float(per.min())
     raise KeyError(fig)
+
+
+def unfinished(df: pd.DataFrame, fig: str) -> str:
+    """Why the headline run of ``fig`` did not finish (P5's ``stopped`` column), or ""."""
+    sub = df[df["figure"] == fig]
+    if fig != "P5" or sub.empty or "stopped" not in sub.columns:
+        return ""
+    top = sub[sub["clients"] == sub["clients"].max()]["stopped"].dropna()
+    return str(top.iloc[0]) if len(top) else ""
 
 
 def met(fig: str, value: float | None) -> str:
@@ -249,7 +268,10 @@ def write_report(df: pd.DataFrame, out: Path, info: dict, command: str, wall_s: 
     for fig, (op, target, what) in TARGETS.items():
         v = headline(df, fig)
         status = met(fig, v)
-        if status != "met" and v is not None:
+        stopped = unfinished(df, fig)
+        if stopped:
+            status = f"**missed**: the run with the most SuperNodes {stopped} (its peak RSS until then is the value)"
+        elif status != "met" and v is not None:
             status += ": " + WHY_MISSED[fig]
         lines.append(f"| {fig} | {what} | {_fmt(v) if v is not None else '–'} | {op} {target} | {status} |")
     sections = {
@@ -263,8 +285,8 @@ def write_report(df: pd.DataFrame, out: Path, info: dict, command: str, wall_s: 
         "P2": ("P2 wire efficiency (real uplink train replies)", ["setting", "payload_bytes", "wire_bytes", "value"]),
         "P4": ("P4 entropy coding", ["setting", "repeat", "value", "coded_bytes", "bound_bytes", "fixed_bytes",
                "encode_us_per_sample", "decode_us_per_sample"]),
-        "P5": ("P5 scale", ["setting", "clients", "sampled", "value", "round_wall_s", "round_train_s",
-               "runtime_s_per_exchange", "uplink_bytes_per_round", "wall_s"]),
+        "P5": ("P5 scale", ["setting", "clients", "sampled", "value", "first_round_wall_s", "round_wall_s",
+               "round_train_s", "runtime_s_per_exchange", "uplink_bytes_per_round", "wall_s", "stopped"]),
         "P5-curve": ("P5 sampled clients per round", ["setting", "clients", "sampled", "value", "round_wall_s",
                      "round_train_s", "runtime_s_per_exchange", "uplink_bytes_per_round"]),
         "P6": ("P6 codec speed", ["setting", "repeat", "value", "unit", "mb_per_s", "fsq_mb_per_s"]),
@@ -311,13 +333,20 @@ def breakdown_section(df: pd.DataFrame) -> list[str]:
             _table(pd.concat(parts, ignore_index=True), cols)]
 
 
-def merged_with_earlier(df: pd.DataFrame, meta: dict, out: Path) -> tuple[pd.DataFrame, dict]:
+def merged_with_earlier(df: pd.DataFrame, meta: dict, out: Path,
+                        by_setting: bool = False) -> tuple[pd.DataFrame, dict]:
     """An ``--only`` run's rows replace the same figures' rows of the earlier ``bench.csv``
-    in ``out`` and keep the others; ``bench.json`` then lists every command, its time and
-    machine, so each figure's provenance stays readable (``earlier``)."""
+    in ``out`` (with ``by_setting``, for a part that measures one setting of a figure such
+    as ``P5-10k``: only the same figure and setting) and keep the others; ``bench.json``
+    then lists every command, its time and machine, so each figure's provenance stays
+    readable (``earlier``)."""
     old = pd.read_csv(out / "bench.csv")
-    fresh = set(df["figure"]) | {f"{f}-curve" for f in df["figure"]}
-    kept = old[~old["figure"].isin(fresh)]
+    if by_setting:
+        fresh_rows = set(zip(df["figure"], df["setting"]))
+        kept = old[[key not in fresh_rows for key in zip(old["figure"], old["setting"])]]
+    else:
+        fresh = set(df["figure"]) | {f"{f}-curve" for f in df["figure"]}
+        kept = old[~old["figure"].isin(fresh)]
     prev = json.loads((out / "bench.json").read_text())
     earlier = [*prev.pop("earlier", []), prev]
     meta = {**meta, "earlier": earlier}
@@ -327,7 +356,7 @@ def merged_with_earlier(df: pd.DataFrame, meta: dict, out: Path) -> tuple[pd.Dat
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small smoke version (CI); asserts nothing about speed")
-    ap.add_argument("--only", help="comma-separated subset of P1,P1d,P2,P4,P5,P6,profile")
+    ap.add_argument("--only", help="comma-separated subset of P1,P1d,P2,P4,P5,P5-10k,P6,profile")
     ap.add_argument("--repeats", type=int, default=0, help="repeats per figure (default 3, quick 1)")
     ap.add_argument("--out", default="experiments/results", help="directory for bench.csv and bench.md")
     ap.add_argument("--report-only", action="store_true",
@@ -360,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = "python -m experiments.bench" + (" --quick" if args.quick else "") + (f" --only {args.only}" if args.only else "")
         meta = {"command": cmd, "wall_s": time.perf_counter() - t0, "machine": machine_info()}
         if args.only and not args.quick and (out / "bench.csv").is_file() and (out / "bench.json").is_file():
-            df, meta = merged_with_earlier(df, meta, out)
+            df, meta = merged_with_earlier(df, meta, out, by_setting=set(args.only.split(",")) <= SETTING_PARTS)
         write_report(df, out, meta["machine"], meta["command"], meta["wall_s"], meta.get("earlier", []))
         (out / "bench.json").write_text(json.dumps(meta, indent=2))
     print((out / "bench.md").read_text())

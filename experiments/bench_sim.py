@@ -104,14 +104,55 @@ def exchange_breakdown(run_dir: Path) -> dict:
     return out
 
 
+class SimulationTimeout(RuntimeError):
+    """A ``python -m sim run`` stopped at its time limit: how far it got (from the ledger
+    it appends to as it goes) and the peak RSS until then."""
+
+    def __init__(self, cmd: list[str], timeout: float, peak_rss_gb: float, progress: str) -> None:
+        super().__init__(f"stopped after {timeout:.0f} s ({' '.join(cmd)}): {progress}")
+        self.timeout, self.peak_rss_gb, self.progress = timeout, peak_rss_gb, progress
+
+
+def _stop_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a process and all its descendants (the Ray processes of a simulation)."""
+    try:
+        procs = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+    proc.communicate()
+
+
+def run_progress(run_dir: Path, clients: int) -> str:
+    """How far an unfinished run got: the ``query.hello`` replies in its ledger and the
+    rounds in its metrics."""
+    hellos = rounds = 0
+    if (run_dir / "ledger.csv").is_file():
+        ledger = pd.read_csv(run_dir / "ledger.csv")
+        hellos = int(((ledger["kind"] == "query.hello") & (ledger["direction"] == "up")).sum())
+    if (run_dir / "metrics.csv").is_file():
+        rounds = len(pd.read_csv(run_dir / "metrics.csv"))
+    return f"{hellos} of {clients} query.hello replies received, {rounds} rounds finished"
+
+
 def run_simulation(config: dict, clients: int, workdir: Path, timeout: float = 1800) -> dict:
-    """One ``python -m sim run``; returns its training throughput, timings and peak RSS."""
+    """One ``python -m sim run``; returns its training throughput, timings and peak RSS.
+    Past ``timeout`` s the run is killed and :class:`SimulationTimeout` says how far it got."""
     out = workdir / f"sim-{len(list(workdir.iterdir()))}"
     cmd = [sys.executable, "-m", "sim", "run", "--clients", str(clients), "--out", str(out), *cli_overrides(config)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     with PeakRSS(proc.pid) as rss:
-        _, err = proc.communicate(timeout=timeout)
+        try:
+            _, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _stop_tree(proc)
+            raise SimulationTimeout(cmd, timeout, rss.peak / 1e9, run_progress(out, clients)) from None
     wall = time.perf_counter() - t0
     if proc.returncode != 0 or not (out / "summary.json").exists():
         raise RuntimeError(f"simulation failed ({' '.join(cmd)}):\n{err[-3000:]}")
@@ -126,6 +167,7 @@ def run_simulation(config: dict, clients: int, workdir: Path, timeout: float = 1
         "client_compute_s": float(metrics["client_compute_s"].sum()),
         "exchanges": int(metrics["exchanges"].sum()),
         "round_wall_s": float(metrics["wall_s"].median()),
+        "first_round_wall_s": float(metrics["wall_s"].iloc[0]),  # with the discovery (query.hello)
         "round_train_s": float(metrics["train_s"].median()),
         "uplink_bytes_per_round": float(metrics["uplink_bytes"].median()),
         "wall_s": wall,
@@ -162,15 +204,23 @@ def p1_protocol_efficiency(base: dict, clients: int, repeats: int, label: str) -
     return rows
 
 
-def p5_scale(base: dict, total_clients: int, sampled: int, label: str) -> dict:
-    """One run with ``total_clients`` SuperNodes of which ``sampled`` train and evaluate per round."""
+def p5_scale(base: dict, total_clients: int, sampled: int, label: str, timeout: float = 1800) -> dict:
+    """One run with ``total_clients`` SuperNodes of which ``sampled`` train and evaluate per
+    round. A run that does not finish in ``timeout`` s is a row too: its peak RSS until it
+    was stopped, and in ``stopped`` how far it got."""
     frac = sampled / total_clients
     config = {**base, "fraction-train": frac, "fraction-evaluate": frac}
     with tempfile.TemporaryDirectory(prefix="bench-p5-") as tmp:
-        sim = run_simulation(config, total_clients, Path(tmp))
+        try:
+            sim = run_simulation(config, total_clients, Path(tmp), timeout=timeout)
+        except SimulationTimeout as err:
+            return {"figure": "P5", "setting": label, "value": err.peak_rss_gb, "unit": "peak RSS GB",
+                    "clients": total_clients, "sampled": sampled, "wall_s": err.timeout,
+                    "stopped": f"not finished in {err.timeout:.0f} s: {err.progress}"}
     return {
         "figure": "P5", "setting": label, "value": sim["peak_rss_gb"], "unit": "peak RSS GB",
         "clients": total_clients, "sampled": sampled, "round_wall_s": sim["round_wall_s"],
+        "first_round_wall_s": sim["first_round_wall_s"],
         "round_train_s": sim["round_train_s"], "runtime_s_per_exchange": sim["runtime_s"] / sim["exchanges"],
         "client_compute_s": sim["client_compute_s"], "uplink_bytes_per_round": sim["uplink_bytes_per_round"],
         "wall_s": sim["wall_s"],

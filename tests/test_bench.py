@@ -239,3 +239,42 @@ def test_an_only_run_replaces_its_figures_and_keeps_the_others(tmp_path):
     bench.write_report(df, tmp_path, meta["machine"], meta["command"], meta["wall_s"], meta["earlier"])
     md = (tmp_path / "bench.md").read_text()
     assert "are from `python -m experiments.bench` (1.0 min, then)" in md
+
+
+def test_a_one_setting_part_replaces_only_that_setting(tmp_path):
+    import json
+
+    old = pd.DataFrame([{"figure": "P5", "setting": "1000 SuperNodes, 4 sampled", "repeat": r, "value": 3.5,
+                         "clients": 1000} for r in range(3)]
+                       + [{"figure": "P5", "setting": "10000 SuperNodes, 4 sampled", "repeat": 0, "value": 9.0,
+                           "clients": 10000}])
+    old.to_csv(tmp_path / "bench.csv", index=False)
+    (tmp_path / "bench.json").write_text(json.dumps({"command": "python -m experiments.bench", "wall_s": 60.0,
+                                                     "machine": {"date": "then"}}))
+    new = pd.DataFrame([{"figure": "P5", "setting": "10000 SuperNodes, 4 sampled", "repeat": 0, "value": 2.0,
+                         "clients": 10000}])
+    df, _ = bench.merged_with_earlier(new, {"command": "c", "wall_s": 1.0, "machine": {}}, tmp_path, by_setting=True)
+    assert sorted(df["value"]) == [2.0, 3.5, 3.5, 3.5]
+    assert bench.headline(df, "P5") == 2.0  # the run with the most SuperNodes
+    df_fig, _ = bench.merged_with_earlier(new, {"command": "c", "wall_s": 1.0, "machine": {}}, tmp_path)
+    assert list(df_fig["value"]) == [2.0]  # a whole-figure run replaces the figure
+
+
+def test_a_stopped_run_is_a_missed_p5_with_its_reason(tmp_path):
+    df = pd.DataFrame([
+        {"figure": "P5", "setting": "1000 SuperNodes, 4 sampled", "repeat": 0, "value": 3.5, "clients": 1000},
+        {"figure": "P5", "setting": "10000 SuperNodes, 4 sampled", "repeat": 0, "value": 2.1, "clients": 10000,
+         "stopped": "not finished in 2400 s: 2420 of 10000 query.hello replies received, 0 rounds finished"}])
+    bench.write_report(df, tmp_path, {}, "python -m experiments.bench --only P5-10k", 60.0)
+    line = next(x for x in (tmp_path / "bench.md").read_text().splitlines() if x.startswith("| P5 |"))
+    assert "**missed**" in line and "2420 of 10000 query.hello" in line and "| 2.1" in line
+
+
+def test_run_progress_counts_hello_replies_and_rounds(tmp_path):
+    from experiments.bench_sim import run_progress
+
+    assert run_progress(tmp_path, 10) == "0 of 10 query.hello replies received, 0 rounds finished"
+    pd.DataFrame([{"kind": "query.hello", "direction": d} for d in ("down", "up", "down", "up", "down")]).to_csv(
+        tmp_path / "ledger.csv", index=False)
+    pd.DataFrame([{"round": 1}]).to_csv(tmp_path / "metrics.csv", index=False)
+    assert run_progress(tmp_path, 10) == "2 of 10 query.hello replies received, 1 rounds finished"

@@ -340,3 +340,27 @@ def test_parity_finds_the_simulation_and_the_reference_equal(tmp_path, sim_run, 
     assert "| in process (`python -m sim run --in-process`), Ray's thread count | 1 | 6 | 6 | 0 | none |" in md
     with pytest.raises(SystemExit, match="another config"):
         parity.main(args + ["-c", "seed=1"])
+
+
+def test_exchange_staleness_pairs_by_seed_and_resumes(tmp_path, capsys):
+    from experiments import exchange_staleness
+    from experiments.common import QUICK_BUDGET
+
+    cfg = [f"-c{k}={v}" for k, v in QUICK_BUDGET.items() if k != "steps-per-exchange"]
+    args = ["--seeds", "0", "1", "--spe", "1", "4", "--clients", "2", "--out", str(tmp_path), *cfg]
+    assert exchange_staleness.main(args) == 0
+    runs = pd.read_csv(tmp_path / "runs.csv")
+    assert sorted(zip(runs.steps_per_exchange, runs.seed)) == [(1, 0), (1, 1), (4, 0), (4, 1)]
+    # one trained round of 4 micro-batches: 4 + 1 training exchanges with S=1, 1 + 1 with S=4
+    ex = runs.groupby("steps_per_exchange")["exchanges"].first()
+    assert ex[1] - ex[4] == 3
+    md = (tmp_path / "staleness.md").read_text()
+    base = runs[runs.steps_per_exchange == 1].set_index("seed").final_accuracy
+    big = runs[runs.steps_per_exchange == 4].set_index("seed").final_accuracy
+    assert f"{100 * (big - base).mean():+.1f} ± " in md and "(n=2)" in md
+    capsys.readouterr()
+    assert exchange_staleness.main(args) == 0  # everything done: no run is repeated
+    assert "steps-per-exchange 1, seed 0" not in capsys.readouterr().out
+    assert len(pd.read_csv(tmp_path / "runs.csv")) == 4
+    with pytest.raises(SystemExit):
+        exchange_staleness.main(["-c", "seed=3", "--out", str(tmp_path)])

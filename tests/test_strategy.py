@@ -105,6 +105,32 @@ def test_start_rejects_a_strategy_config(tiny_cfg, key):
         strategy.configure_evaluate(1, arrays, ConfigRecord({"local-steps": 3}), UnusableGrid())
 
 
+class CountingTransport(InProcessTransport):
+    """Records how many messages each exchange carried."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__(n)
+        self.batches: list[int] = []
+
+    def exchange(self, messages, timeout_s):
+        self.batches.append(len(messages))
+        return super().exchange(messages, timeout_s)
+
+
+def test_discovery_keeps_few_hellos_in_flight_and_learns_every_node(tiny_cfg, monkeypatch):
+    import sim.training.engine as engine
+
+    monkeypatch.setattr(engine, "HELLO_BATCH", 2)
+    cfg = tiny_cfg.replace(expected_clients=5)
+    strategy = strategy_for(cfg)
+    transport = CountingTransport(5)
+    strategy.engine.discover(transport, 1, timeout=60.0)
+    assert transport.batches == [2, 2, 1]
+    assert strategy.engine.partitions == {p: p + 1 for p in range(5)} and strategy.engine.live == set(range(5))
+    rows = [r for r in strategy.engine.ledger.rows if r.kind == "query.hello"]
+    assert len(rows) == 10  # one down and one up per node, every batch in the ledger
+
+
 def test_aggregate_evaluate_scores_real_evaluation_replies(tiny_cfg):
     cfg = tiny_cfg.replace(fraction_evaluate=1.0)
     strategy = strategy_for(cfg)

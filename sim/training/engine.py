@@ -60,6 +60,10 @@ from .transport import Transport
 
 log = logging.getLogger(__name__)
 HELLO_TIMEOUT_S = 120.0  # the least a new node gets to answer query.hello
+# At most this many query.hello in flight at once. Flower 1.41's simulation engine checks
+# every stored message for every node every 0.1 s, so 10 000 hellos sent together make
+# each sweep O(nodes x nodes): docs/performance.md, "10 000 SuperNodes".
+HELLO_BATCH = 256
 Weights = dict[str, torch.Tensor]
 
 
@@ -384,7 +388,10 @@ class RoundEngine:
         # A node's first message pays for starting its ClientApp (imports, a Ray actor or a
         # flwr-clientapp process); hello carries no work, so it may take longer than an exchange.
         hello_s = max(self.cfg.exchange_timeout_s, HELLO_TIMEOUT_S)
-        replies = self._exchange(transport, msgs, rnd, -1, HELLO, timeout, deadline_s=hello_s) if msgs else {}
+        replies: dict[int, Message] = {}
+        for i in range(0, len(msgs), HELLO_BATCH):
+            replies.update(self._exchange(transport, msgs[i:i + HELLO_BATCH], rnd, -1, HELLO, timeout,
+                                          deadline_s=hello_s))
         for r in replies.values():
             node = r.metadata.src_node_id
             try:
