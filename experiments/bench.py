@@ -6,8 +6,9 @@ Regenerates the performance figures of the project (issue "Performance"):
 P1    simulation ÷ in-process reference throughput (scratch cfg)  ≥ 0.90
       + the curve over steps-per-exchange × clients
 P1d   deployment (TLS, 3 SuperNodes on loopback) ÷ reference       ≥ 0.5
-      throughput (scratch cfg and a small one), with the breakdown
-      of an exchange beside P1's (experiments/bench_deploy.py)
+      throughput (the default job, and a small config with and
+      without site workers), with the breakdown of an exchange
+      beside P1's (experiments/bench_deploy.py)
 P2    Flower-serialised bytes ÷ information payload               ≤ 1.02 (≥ 16 KB)
 P4    entropy-coded bytes ÷ empirical entropy bound (2-bit RD-FSQ) ≤ 1.05
 P5    10 / 100 / 1000 SuperNodes, a fixed number sampled per round peak RSS < 4 GB
