@@ -46,6 +46,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from sim.compress import get_codec  # noqa: E402
+from sim.config import ConfigError, SplitConfig  # noqa: E402
+from sim.run.cli import parse_overrides  # noqa: E402
 
 from .common import (  # noqa: E402
     QTYPES,
@@ -294,6 +296,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel processes (one torch thread each)")
     p.add_argument("--out", type=Path, help="output folder (default experiments/results; runs/quick with --quick)")
     p.add_argument("--name", help="file name stem (default bitsweep, or heldout with --data-path)")
+    p.add_argument("-c", "--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change a run-config key of the regime's base config for every run (e.g. rdfsq-clip=6); "
+                   "the keys are part of each run's key, so use --name to keep such a sweep apart")
     p.add_argument("--report-only", action="store_true", help="rebuild the Markdown and plots from the CSV")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
@@ -305,6 +310,13 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (Path("runs/quick") if args.quick else RESULTS)
     name = args.name or ("heldout" if args.data_path else "bitsweep") + ("_finetune" if args.regime == "finetune" else "")
     base, clients = regime_budget(args.regime, args.quick)
+    try:
+        extra = parse_overrides(args.set)
+        SplitConfig.from_run_config({**base, **extra})  # a bad key or value stops here, before any run
+    except ConfigError as err:
+        print(f"error: -c: {err}", file=sys.stderr)
+        return 2
+    base.update(extra)
     clients = args.clients or clients
     dataset = str(base.get("dataset", "synthetic"))
     if args.data_path:

@@ -36,8 +36,10 @@ from scipy.stats import t as t_dist
 from .common import fmt_pm, paired_difference
 
 FT_SWEEP_CMD = "python -m experiments.bitsweep"
-FT_HELDOUT_CMD = ("python -m experiments.make_heldout && python -m experiments.bitsweep "
-                  "--data-path runs/heldout/pathology/data.json")
+# The default job fine-tunes on pathology already, so the fine-tuning regime's held-out sweep uses
+# the other real-image case study (fundus photographs).
+FT_HELDOUT_CMD = ("python -m experiments.make_heldout --kind retina && python -m experiments.bitsweep "
+                  "--data-path runs/heldout/retina/data.json")
 FOUNDATION_CMD = "python -m experiments.foundation"
 SWEEP_CMD = "python -m experiments.bitsweep --regime scratch"
 HELDOUT_CMD = ("python -m experiments.make_heldout && python -m experiments.bitsweep --regime scratch "

@@ -176,16 +176,51 @@ def test_malformed_payloads_raise_payload_error(v):
 
 @pytest.mark.parametrize("stats", ["global", "per-dim", "ema"])
 @pytest.mark.parametrize("send_range", [False, True])
-def test_rdfsq_every_stats_and_range_combination(stats, send_range):
+@pytest.mark.parametrize("span", ["sigma", "minmax"])
+def test_rdfsq_every_stats_and_range_combination(stats, send_range, span):
     """The generated variants change one field at a time; RD-FSQ's range arrays depend on
-    both fields together (1 value for global, D otherwise), so every pair is checked."""
-    spec = RDFSQ(DIM, 2, RDFSQSettings(stats=stats, send_range=send_range))
+    the fields together (1 value for global, D otherwise), so every combination is checked."""
+    spec = RDFSQ(DIM, 2, RDFSQSettings(stats=stats, send_range=send_range, range=span))
     client, server = make_spec(spec)
     x = torch.randn(SHAPE) * 2
     enc, p, y_hat = roundtrip(client, server, x)
     assert server.array_sizes(SHAPE) == {k: a.size for k, a in p.arrays().items()}
     assert torch.equal(bits_of(y_hat), bits_of(enc.y))
     assert_rejects_malformed(client, server, x)
+
+
+@pytest.mark.parametrize("stats", ["global", "per-dim"])
+def test_rdfsq_minmax_range_follows_algorithm_2_as_written(stats):
+    """``range=minmax`` against a NumPy transcription of Quantized-TinyLLaVA (arXiv 2511.23402)
+    Algorithm 2 with section 3.1's scale(): clip to mu +- 3 sigma, scale by the clipped values'
+    own min and max to [-1, 1], round on the even-K grid; the extreme levels are the data's."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(SHAPE).astype(np.float32) * rng.uniform(0.5, 2, DIM).astype(np.float32) + 1
+    x[0, 0, :4] = 40.0  # outliers: clipped to mu + 3 sigma before the min/max are taken
+    spec = RDFSQ(DIM, 2, RDFSQSettings(stats=stats, send_range=False, range="minmax"))
+    client, server = spec.client(), spec.server()
+    identity_proj(client)
+    enc, _, y_hat = roundtrip(client, server, torch.from_numpy(x))
+    flat = x.reshape(-1, DIM).astype(np.float64)
+    axis = None if stats == "global" else 0
+    mu, sigma = flat.mean(axis), flat.std(axis, ddof=1)
+    clipped = np.clip(flat, mu - 3 * sigma, mu + 3 * sigma)
+    lo, hi = clipped.min(axis), clipped.max(axis)
+    e = 2 * (clipped - lo) / (hi - lo) - 1
+    k = 4
+    z = np.clip(np.round((k - 1) / 2 * e - 0.5) + 0.5, -(k - 1) / 2, (k - 1) / 2)
+    want = (z + (k - 1) / 2).astype(np.int64)
+    got = enc.codes.numpy().reshape(-1, DIM)
+    assert (got != want).mean() < 1e-3  # float32 against float64: only values at a decision boundary may differ
+    ends = (got == 0).any(axis) & (got == k - 1).any(axis)
+    assert ends.all()  # both end levels are used: in every dimension (per-dim), by the batch (global)
+    plain = RDFSQ(DIM, 2, RDFSQSettings(stats=stats, send_range=False))
+    p_client = plain.client()
+    identity_proj(p_client)
+    with torch.no_grad():
+        sigma_codes = p_client(torch.from_numpy(x)).codes.numpy().reshape(-1, DIM)
+    assert not ((sigma_codes == 0).any(axis) & (sigma_codes == k - 1).any(axis)).all()  # sigma: some end level unused
+    assert torch.equal(y_hat, enc.y)
 
 
 def test_rdfsq_rejects_non_positive_clip_range():

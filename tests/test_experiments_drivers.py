@@ -64,6 +64,18 @@ def test_bitsweep_resumes_without_rerunning(sweep_dir, monkeypatch):
     assert "| fsq |" not in (sweep_dir / "bitsweep.md").read_text()  # the report shows the requested grid only
 
 
+def test_bitsweep_set_changes_every_run_and_rejects_bad_keys(tmp_path, capsys):
+    assert bitsweep.main(["--quick", "--regime", "scratch", "-c", "no-such-key=1", "--out", str(tmp_path)]) == 2
+    assert "no-such-key" in capsys.readouterr().err and not list(tmp_path.iterdir())  # nothing ran or was written
+    args = ["--quick", "--regime", "scratch", "--methods", "rdfsq", "--bits", "2", "--seeds", "0", "--jobs", "1",
+            "--out", str(tmp_path), "--name", "clip"]
+    assert bitsweep.main([*args, "-c", "rdfsq-clip=1.5"]) == 0
+    assert "rdfsq-clip=1.5" in (tmp_path / "clip.md").read_text()
+    assert bitsweep.main(args) == 0  # the same grid at the default clip: other runs, in the same file
+    df = pd.read_csv(tmp_path / "clip.csv")
+    assert len(df) == 2 and df.key.is_unique and df.final_loss.nunique() == 2
+
+
 def test_runs_are_deterministic_given_the_seed():
     spec = make_spec("synthetic", "rdfsq", 2, 3, 2, QUICK_BUDGET)
     a, b = run_one(spec), run_one(spec)

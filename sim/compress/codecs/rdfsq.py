@@ -12,7 +12,7 @@ Quantized-TinyLLaVA (arXiv 2511.23402), section 3.1 and Algorithm 2:
 5. commitment (distortion) loss ``alpha * (1 - cos(h e, sg(z)))`` per token, added
    on the client; gradients pass the rounding straight through.
 
-Options (run-config keys ``rdfsq-stats``, ``rdfsq-send-range``, ``rdfsq-alpha``):
+Options (run-config keys ``rdfsq-stats``, ``rdfsq-send-range``, ``rdfsq-clip``, ``rdfsq-range``, ``rdfsq-alpha``):
 
 * ``stats`` — where ``mu`` and ``sigma`` come from:
 
@@ -36,6 +36,15 @@ Options (run-config keys ``rdfsq-stats``, ``rdfsq-send-range``, ``rdfsq-alpha``)
   otherwise, per micro-batch; the half-width rounded up) and the server rebuilds
   ``C * half + mu`` in the feature's own units; the client clips with the same fp16
   values so both ends agree bitwise.
+
+* ``range`` — the interval the grid spans:
+
+  - ``sigma`` (default): ``[mu - clip sigma, mu + clip sigma]`` itself;
+  - ``minmax``: Algorithm 2's ``scale(x) = 2 (X - min X) / (max X - min X) - 1`` as the paper
+    writes it, applied after the clip: the clipped values' own minimum and maximum (per
+    dimension, or of the batch for ``global``), so that a dimension whose values stay inside
+    ``mu +- clip sigma`` uses all of the grid. The bounds travel in ``side.mu``/``side.half``
+    as the centre and half-width of that interval; the payload is unchanged.
 
 * ``alpha`` — the commitment weight. The paper's public code uses 0.25; the default here is 0
   because on the synthetic benchmark alpha = 0.25 lowered accuracy (docs/compressors.md).
@@ -63,6 +72,7 @@ from ..base import (
 from ..packing import pack_bits, packed_nbytes, unpack_codes
 
 STATS = ("global", "per-dim", "ema")
+RANGES = ("sigma", "minmax")
 EMA_BUFFERS = ("mean", "var", "ema_mean", "ema_var", "initted")  # relative to the codec
 _MIN_HALF = 1e-6
 
@@ -81,6 +91,9 @@ class RDFSQSettings:
     clip: float = option(3.0, "RD-FSQ clip range in standard deviations either side of the mean (the paper: 3); "
                          "the 2^b grid points span it; 1.5 and 2 were no better at b = 2 on the default job "
                          "(docs/results-foundation.md)", lo=0.1, hi=100.0)
+    range: str = option("sigma", "interval the RD-FSQ grid spans: mean +- clip std (`sigma`), or the clipped values' "
+                        "own min and max, Algorithm 2's scale() as written (`minmax`; docs/results-foundation.md)",
+                        choices=RANGES)
     ema_decay: float = ema_decay_option()
 
 
@@ -92,6 +105,14 @@ def batch_stats(z: torch.Tensor, stats: str) -> tuple[torch.Tensor, torch.Tensor
         flat = z.reshape(-1, z.shape[-1])
         return flat.mean(0), flat.std(0)
     raise ValueError(f"batch statistics must be 'global' or 'per-dim', got {stats!r}")
+
+
+def extent(z: torch.Tensor, scalar: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(min, max)`` of ``z`` (B,N,D): of the whole batch (``scalar``) or per dimension."""
+    if scalar:
+        return z.min(), z.max()
+    flat = z.reshape(-1, z.shape[-1])
+    return flat.min(0).values, flat.max(0).values
 
 
 def scale_into(z: torch.Tensor, mu: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
@@ -138,7 +159,7 @@ class RDFSQClient(ClientCodec):
         super().__init__(spec)
         s = spec.settings
         self.levels, self.stats, self.alpha, self.send_range, self.decay = 2**self.bits, s.stats, s.alpha, s.send_range, s.ema_decay
-        self.clip = s.clip
+        self.clip, self.span = s.clip, s.range
         self.proj = nn.Linear(self.dim, self.dim)
         if self.stats == "ema":
             for name, init in (("mean", 0.0), ("var", 1.0), ("ema_mean", 0.0), ("ema_var", 1.0)):
@@ -157,7 +178,17 @@ class RDFSQClient(ClientCodec):
         self.initted.fill_(True)
 
     def _range(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(mu, half)`` of the clip range for projected features ``z``; constants for autograd."""
+        """``(centre, half-width)`` of the interval the grid spans for projected features ``z``
+        (``range``: the clip range, or the clipped values' own extent); constants for autograd."""
+        mu, half = self._clip_range(z)
+        if self.span == "sigma":
+            return mu, half
+        lo, hi = extent(z.detach(), self.stats == "global")
+        lo, hi = torch.maximum(lo, mu - half), torch.minimum(hi, mu + half)
+        return (lo + hi) / 2, ((hi - lo) / 2).clamp_min(_MIN_HALF)
+
+    def _clip_range(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mu, clip * sigma)`` for projected features ``z``."""
         if self.stats != "ema":
             mu, sigma = batch_stats(z.detach(), self.stats)
             return mu, (self.clip * sigma).clamp_min(_MIN_HALF)
